@@ -1,0 +1,224 @@
+"""Tests of mofa.flow.softsplat against hand-computed cases (spec §11 item 8) and a slow per-pixel loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mofa.flow.softsplat import softsplat, softsplat_with_weight
+
+EPS = 1e-7
+
+
+def slow_softsplat(src, flow, mode="avg", metric=None, eps=EPS):
+    """Independent per-pixel python loop of the spec §8 kernel, in float64."""
+    batch, channels, height, width = src.shape
+    src = src.double()
+    flow = flow.double()
+    num = torch.zeros(batch, channels, height, width, dtype=torch.float64)
+    den = torch.zeros(batch, height, width, dtype=torch.float64)
+    for b in range(batch):
+        if mode == "soft":
+            peak = max(v for v in metric[b].double().flatten().tolist() if math.isfinite(v))
+        for y in range(height):
+            for x in range(width):
+                tx = x + float(flow[b, 0, y, x])
+                ty = y + float(flow[b, 1, y, x])
+                if not (math.isfinite(tx) and math.isfinite(ty)):
+                    continue
+                if mode in ("sum", "avg"):
+                    m = 1.0
+                elif mode == "linear":
+                    m = float(metric[b, 0, y, x])
+                else:
+                    m = math.exp(float(metric[b, 0, y, x]) - peak)
+                x0, y0 = math.floor(tx), math.floor(ty)
+                corners = (
+                    (x0, y0, (x0 + 1 - tx) * (y0 + 1 - ty)),
+                    (x0 + 1, y0, (tx - x0) * (y0 + 1 - ty)),
+                    (x0, y0 + 1, (x0 + 1 - tx) * (ty - y0)),
+                    (x0 + 1, y0 + 1, (tx - x0) * (ty - y0)),
+                )
+                for cx, cy, w in corners:
+                    if 0 <= cx <= width - 1 and 0 <= cy <= height - 1:
+                        num[b, :, cy, cx] += src[b, :, y, x] * m * w
+                        den[b, cy, cx] += m * w
+    if mode == "sum":
+        return num
+    return num / (den[:, None] + eps)
+
+
+def test_zero_flow_is_identity():
+    x = torch.rand(2, 3, 7, 9)
+    out = softsplat(x, torch.zeros(2, 2, 7, 9))
+    torch.testing.assert_close(out, x / (1 + EPS), rtol=0, atol=1e-7)
+    torch.testing.assert_close(softsplat(x, torch.zeros(2, 2, 7, 9), mode="sum"), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shift", [(2, 0), (0, 3), (-1, -2), (3, 1)])
+def test_integer_shift_moves_pixels_exactly(shift):
+    sx, sy = shift
+    x = torch.rand(1, 2, 8, 10)
+    flow = torch.zeros(1, 2, 8, 10)
+    flow[:, 0], flow[:, 1] = sx, sy
+    out = softsplat(x, flow, mode="sum")
+    expected = torch.zeros_like(x)
+    h, w = 8, 10
+    expected[..., max(sy, 0) : h + min(sy, 0), max(sx, 0) : w + min(sx, 0)] = x[
+        ..., max(-sy, 0) : h - max(sy, 0), max(-sx, 0) : w - max(sx, 0)
+    ]
+    assert torch.equal(out, expected)
+    # The uncovered band is exactly zero in 'avg' mode too.
+    avg = softsplat(x, flow)
+    band = (expected == 0).all(dim=1)
+    assert band.sum() > 0
+    assert torch.all(avg[:, :, band[0]] == 0)
+
+
+def test_half_pixel_shift_splits_and_avg_renormalises():
+    x = torch.zeros(1, 1, 1, 4)
+    x[0, 0, 0, 1] = 2.0
+    flow = torch.full((1, 2, 1, 4), 0.0)
+    flow[:, 0] = 0.5
+    out = softsplat(x, flow, mode="sum")
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    out, weight = softsplat_with_weight(torch.full((1, 1, 1, 4), 3.0), flow)
+    # Pixel 0 only gets half of source 0; 'avg' divides it back to the source value.
+    torch.testing.assert_close(weight[0, 0, 0], torch.tensor([0.5, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(out[0, 0, 0], torch.full((4,), 3.0), rtol=1e-6, atol=1e-6)
+
+
+def test_sum_conserves_mass_when_all_lands_inside():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 12, 12, generator=gen)
+    flow = torch.rand(3, 2, 12, 12, generator=gen) * 4 - 2
+    x[..., :2, :] = 0
+    x[..., -2:, :] = 0
+    x[..., :, :2] = 0
+    x[..., :, -2:] = 0
+    out = softsplat(x, flow, mode="sum")
+    torch.testing.assert_close(out.sum(dim=(2, 3)), x.sum(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_collisions_are_averaged():
+    x = torch.tensor([[[[1.0, 5.0, 0.0]]]])
+    flow = torch.zeros(1, 2, 1, 3)
+    flow[0, 0, 0, 0] = 2.0  # pixel 0 lands on pixel 2
+    flow[0, 0, 0, 1] = 1.0  # pixel 1 lands on pixel 2
+    flow[0, 0, 0, 2] = -2.0  # pixel 2 lands on pixel 0
+    out = softsplat(x, flow)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 0.0, 3.0]), rtol=1e-6, atol=1e-6)
+
+
+def test_out_of_range_targets_are_dropped_individually():
+    x = torch.ones(1, 1, 3, 3)
+    flow = torch.zeros(1, 2, 3, 3)
+    flow[0, 0] = 0.25  # right column's right neighbour falls off the grid
+    out = softsplat(x, flow, mode="sum")
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.75, 1.0, 1.0]))
+    flow[0, 0] = 100.0
+    flow[0, 1] = -1e30
+    assert torch.equal(softsplat(x, flow, mode="sum"), torch.zeros_like(x))
+
+
+def test_non_finite_flow_is_ignored():
+    x = torch.arange(9.0).view(1, 1, 3, 3)
+    flow = torch.zeros(1, 2, 3, 3)
+    flow[0, 0, 1, 1] = float("nan")
+    flow[0, 1, 0, 0] = float("inf")
+    flow[0, 0, 2, 2] = -float("inf")
+    out = softsplat(x, flow, mode="sum")
+    expected = x.clone()
+    expected[0, 0, 1, 1] = expected[0, 0, 0, 0] = expected[0, 0, 2, 2] = 0
+    assert torch.equal(out, expected)
+    assert torch.isfinite(softsplat(x, flow)).all()
+
+
+@pytest.mark.parametrize("mode", ["sum", "avg", "linear", "soft"])
+def test_batched_matches_slow_loop(mode):
+    gen = torch.Generator().manual_seed(1)
+    batch, channels, height, width = 3, 2, 6, 7
+    x = torch.rand(batch, channels, height, width, generator=gen)
+    flow = torch.randn(batch, 2, height, width, generator=gen) * 2.5
+    flow[0, :, 0, 0] = 0.0  # exact integer targets
+    flow[1, 0, 2, 3] = float("nan")
+    metric = None
+    if mode == "linear":
+        metric = torch.rand(batch, 1, height, width, generator=gen) + 0.1
+    elif mode == "soft":
+        metric = torch.randn(batch, 1, height, width, generator=gen) * 3
+    out = softsplat(x, flow, mode=mode, metric=metric)
+    ref = slow_softsplat(x, flow, mode=mode, metric=metric)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
+    out64 = softsplat(x.double(), flow.double(), mode=mode, metric=None if metric is None else metric.double())
+    torch.testing.assert_close(out64, ref, rtol=0, atol=1e-12)
+
+
+def test_soft_mode_is_safe_for_large_metrics():
+    x = torch.rand(1, 2, 5, 5)
+    flow = torch.randn(1, 2, 5, 5)
+    metric = torch.randn(1, 1, 5, 5)
+    a = softsplat(x, flow, mode="soft", metric=metric)
+    b = softsplat(x, flow, mode="soft", metric=metric + 1000.0)
+    assert torch.isfinite(b).all()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_with_weight_matches_softsplat_and_marks_holes():
+    x = torch.rand(2, 3, 6, 6)
+    flow = torch.zeros(2, 2, 6, 6)
+    flow[:, 0] = 2.0
+    out, weight = softsplat_with_weight(x, flow)
+    assert weight.shape == (2, 1, 6, 6)
+    assert torch.equal(out, softsplat(x, flow))
+    assert torch.all(weight[..., :2] == 0) and torch.all(weight[..., 2:] == 1)
+
+
+def test_gradcheck_src_and_flow():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    # Non-integer positions keep floor() locally constant, where the function is smooth.
+    flow = (torch.rand(2, 2, 4, 5, generator=gen, dtype=torch.float64) * 1.6 - 0.8 + 0.1).requires_grad_(True)
+    metric = torch.rand(2, 1, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    for mode in ("sum", "avg"):
+        assert torch.autograd.gradcheck(lambda a, f, mode=mode: softsplat(a, f, mode=mode), (x, flow), eps=1e-6)
+    for mode in ("linear", "soft"):
+        assert torch.autograd.gradcheck(
+            lambda a, f, m, mode=mode: softsplat(a, f, mode=mode, metric=m + 0.5), (x, flow, metric), eps=1e-6
+        )
+
+
+def test_half_precision_input_gives_half_output():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 4, 16, 16, generator=gen)
+    flow = torch.randn(2, 2, 16, 16, generator=gen) * 3
+    ref = softsplat(x, flow)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = softsplat(x.to(dtype), flow.to(dtype))
+        assert out.dtype == dtype
+        ref_d = softsplat(x.to(dtype).float(), flow.to(dtype).float())
+        # Same inputs after rounding: only the final cast differs.
+        torch.testing.assert_close(out.float(), ref_d, rtol=1e-2, atol=1e-2)
+    out16 = softsplat(x.half(), flow)
+    torch.testing.assert_close(out16.float(), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_bad_shapes_raise_value_error():
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="flow"):
+        softsplat(x, torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="does not match"):
+        softsplat(x, torch.zeros(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="src"):
+        softsplat(x[0], torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="metric"):
+        softsplat(x, torch.zeros(2, 2, 4, 4), mode="soft")
+    with pytest.raises(ValueError, match="metric"):
+        softsplat(x, torch.zeros(2, 2, 4, 4), mode="linear", metric=torch.ones(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="takes no metric"):
+        softsplat(x, torch.zeros(2, 2, 4, 4), mode="avg", metric=torch.ones(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="unknown softsplat mode"):
+        softsplat(x, torch.zeros(2, 2, 4, 4), mode="max")

@@ -28,6 +28,15 @@ B, T, H, W = 2, 3, 128, 64  # image pixels; latents 16 x 8
 CROSS = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models: one intra-op thread is ~10x faster than two on a shared, loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomize(model: torch.nn.Module, generator: torch.Generator, scale: float = 0.05) -> None:
     """Give every parameter (also the zero-initialised convs) small random values."""
     with torch.no_grad():
@@ -81,7 +90,7 @@ def test_default_adapter_uses_released_heads(meta_adapter: MofaAdapterModel) -> 
     assert meta_adapter.mid_block.attentions[0].transformer_blocks[0].attn1.heads == 20
 
 
-def test_reference_config_builds_released_architecture() -> None:
+def test_reference_config_builds_released_architecture(tmp_path: Path) -> None:
     # What the reference's save_pretrained wrote from a from_unet instance: the SVD UNet's values (heads
     # (5, 10, 20, 20)!), keys we do not have, and the reference class name. The reference ignored all of it.
     config = {
@@ -103,8 +112,10 @@ def test_reference_config_builds_released_architecture() -> None:
         "transformer_layers_per_block": 1,
         "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3,
     }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded_config = MofaAdapterModel.load_config(tmp_path)  # the first step of from_pretrained
     with torch.device("meta"):
-        model = MofaAdapterModel.from_config(config)
+        model = MofaAdapterModel.from_config(loaded_config)
     assert tuple(model.config.num_attention_heads) == (5, 10, 10, 20)
     assert model.down_blocks[2].attentions[0].transformer_blocks[0].attn1.heads == 10
     assert "up_block_types" not in model.config

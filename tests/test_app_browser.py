@@ -7,6 +7,7 @@ used through ``executable_path``.
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -64,7 +65,7 @@ def page(tmp_path: Path) -> Iterator[Any]:
             executable_path=CHROMIUM,
             headless=True,
             args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 1100},
+            viewport={"width": 1000, "height": 1100},  # narrow: the image is shown scaled down
         )
         try:
             yield context.new_page()
@@ -85,6 +86,9 @@ def test_upload_draw_track_and_preview_in_chromium(page: Any, app_url: str, tmp_
 
     page.goto(app_url)
     page.wait_for_selector("#mofa-upload", timeout=30_000)
+    page.locator("#mofa-preview").click()  # nothing uploaded yet: a warning, not a crash
+    page.wait_for_function("document.querySelector('#mofa-status').innerText.includes('Upload an image first')")
+    page.screenshot(path=str(tmp_path / "warning.png"))
     page.locator("#mofa-upload ~ input[type=file], input[type=file][accept*=image]").first.set_input_files(str(photo))
     page.wait_for_selector("#mofa-canvas img", timeout=30_000)
     page.wait_for_function("document.querySelector('#mofa-status').innerText.includes('640x512')", timeout=30_000)
@@ -93,8 +97,12 @@ def test_upload_draw_track_and_preview_in_chromium(page: Any, app_url: str, tmp_
     canvas = page.locator("#mofa-canvas img")
     box = canvas.bounding_box()
     assert box is not None
+    assert box["width"] < 630  # displayed smaller than its 640 natural pixels: clicks must be mapped back
     canvas.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.5})
     page.wait_for_function("document.querySelector('#mofa-status').innerText.includes('1 pt')", timeout=30_000)
+    match = re.search(r"last point \((\d+), (\d+)\)", page.inner_text("#mofa-status"))
+    assert match is not None
+    assert abs(int(match[1]) - 0.3 * 640) <= 3 and abs(int(match[2]) - 0.5 * 512) <= 3  # prepared-image pixels
     canvas.click(position={"x": box["width"] * 0.45, "y": box["height"] * 0.45})
     page.wait_for_function("document.querySelector('#mofa-status').innerText.includes('2 pt')", timeout=30_000)
     page.wait_for_timeout(500)  # the redrawn canvas image loads after the status text
@@ -102,6 +110,13 @@ def test_upload_draw_track_and_preview_in_chromium(page: Any, app_url: str, tmp_
     assert after.shape == before.shape
     changed = np.abs(after - before).sum(-1) > 30
     assert 0.0005 < changed.mean() < 0.2, changed.mean()  # the track is drawn, the image is not replaced
+
+    page.get_by_label("Static brush").check()  # stamp a static-brush circle, then undo it
+    canvas.click(position={"x": box["width"] * 0.8, "y": box["height"] * 0.2})
+    page.wait_for_function("document.querySelector('#mofa-status').innerText.includes('static brush: 1')")
+    page.locator("#mofa-undo").click()
+    page.wait_for_function("!document.querySelector('#mofa-status').innerText.includes('static brush')")
+    assert "#1: 2 pt" in page.inner_text("#mofa-status")
 
     page.get_by_role("slider", name="Frames").first.fill("6")
     page.locator("#mofa-preview").click()

@@ -116,6 +116,8 @@ def test_tracks_json_and_describe(loaded: AppState) -> None:
     json.dumps(data)
     text = handlers.describe(s)
     assert "192x128" in text and "1 track" in text and "#1: 2 pt" in text and "static brush: 1" in text
+    assert "last point" not in text  # the last edit was a brush stamp
+    assert "last point (30, 40)" in handlers.describe(handlers.undo(s)[0])
 
 
 # ------------------------------------------------------------------------------------------------ upload
@@ -138,6 +140,8 @@ def test_bad_uploads_give_readable_messages(tmp_path: Path) -> None:
     Image.new("RGB", (5000, 8)).save(huge)
     big = tmp_path / "big.png"
     Image.fromarray(_image(256, 256)).save(big)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (2000, 20)).save(strip)  # fits the upload limits, but 512 px short side → 51200 px long side
     truncated = tmp_path / "cut.png"
     truncated.write_bytes(big.read_bytes()[:200])
     cases = [
@@ -145,6 +149,7 @@ def test_bad_uploads_give_readable_messages(tmp_path: Path) -> None:
         (huge, Limits(), "5000x8"),
         (big, Limits(max_file_bytes=100), "the limit is"),
         (truncated, Limits(), "cut.png"),
+        (strip, Limits(), "4096"),
         (tmp_path / "missing.png", Limits(), "did not arrive"),
         (None, Limits(), "No file"),
     ]
@@ -236,10 +241,86 @@ def test_preview_writes_moving_video_and_rerunnable_hints(loaded: AppState, tmp_
     assert reloaded == expected
 
 
+def test_downloads_rerun_from_the_cli_give_the_same_animation(loaded: AppState, tmp_path: Path) -> None:
+    """The hints JSON + prepared PNG the app offers reproduce the app's preview with ``mofa preview``."""
+    from mofa.cli import main
+    from mofa.io.video import read_video
+
+    s = _clicks(loaded, (60, 64), (90, 70), (100, 60))
+    out, notice = handlers.run_preview(s, RunSettings(num_frames=5), tmp_path / "app")
+    assert out is not None, notice.text
+    hints_path = next(p for p in out.downloads if p.suffix == ".json")
+    png = next(p for p in out.downloads if p.suffix == ".png")
+    cli_video = tmp_path / "cli" / "again.mp4"
+    with pytest.raises(SystemExit) as exc:
+        main(["preview", str(png), "--tracks", str(hints_path), "--out", str(cli_video), "--size", "128"])
+    assert exc.value.code == 0
+    app_frames, cli_frames = read_video(out.video).astype(int), read_video(cli_video).astype(int)
+    assert app_frames.shape == cli_frames.shape == (5, 128, 192, 3)
+    assert np.abs(app_frames - cli_frames).mean() < 0.5
+
+
 def test_preview_one_point_track_does_not_crash(loaded: AppState, tmp_path: Path) -> None:
     out, notice = handlers.run_preview(_clicks(loaded, (50, 50)), RunSettings(num_frames=4), tmp_path)
     assert out is not None, notice.text
     assert "nothing will move" in notice.text
+
+
+@pytest.mark.parametrize(
+    ("edits", "note"),
+    [
+        ([("Trajectory", (20, 20)), ("Trajectory", (40, 20)), ("Motion brush", (150, 100))], "changes nothing"),
+        ([("Trajectory", (100, 60)), ("Trajectory", (120, 60)), ("Motion brush", (100, 60))], None),
+        ([("Trajectory", (100, 60)), ("Trajectory", (120, 60)), ("Static brush", (100, 60))], "static brush"),
+        ([("Trajectory", (100, 60)), ("Trajectory", (100, 60))], None),  # zero-length drag
+        (
+            [("Trajectory", (100, 60)), ("Trajectory", (120, 60)), ("new", None)]
+            + [("Trajectory", (100, 60)), ("Trajectory", (80, 60))],  # two tracks from the same start pixel
+            None,
+        ),
+    ],
+)
+def test_preview_brush_and_track_combinations_never_crash(loaded: AppState, tmp_path: Path, edits, note) -> None:
+    s = loaded
+    for mode, xy in edits:
+        s = handlers.new_track(s)[0] if mode == "new" else _clicks(s, xy, mode=mode, radius=20)
+    out, notice = handlers.run_preview(s, RunSettings(num_frames=3), tmp_path)
+    assert out is not None and out.video.is_file(), notice.text
+    if note is None:
+        assert "Note" not in notice.text, notice.text
+    else:
+        assert note in notice.text
+
+
+class _ShiftDensifier:
+    """A SparseToDense stand-in (what ``mofa app --cmp`` passes): moves everything 4 px right, counts calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def preferred_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        return (64, 64)
+
+    def __call__(self, image: torch.Tensor, flow: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        assert image.shape == (3, 64, 64) and flow.shape[1:] == (2, 64, 64)
+        dense = torch.zeros_like(flow)
+        dense[:, 0] = 4.0 * 64 / 192  # 4 px of the 192 px wide image, in pixels of the 64-px grid
+        return dense
+
+
+def test_preview_uses_the_given_densifier(loaded: AppState, tmp_path: Path) -> None:
+    from mofa.io.video import read_video
+
+    densifier = _ShiftDensifier()
+    out, notice = handlers.run_preview(
+        _clicks(loaded, (60, 60), (61, 60)), RunSettings(num_frames=3), tmp_path, densifier=densifier
+    )
+    assert out is not None, notice.text
+    assert densifier.calls >= 1
+    frames = read_video(out.video).astype(int)
+    far = (slice(100, 120), slice(150, 180))  # far from the tiny drag: only a global shift moves it
+    assert np.abs(frames[-1][far] - frames[0][far]).mean() > 5
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -283,3 +364,21 @@ def test_generate_calls_pipeline_with_settings_and_reports_progress(loaded: AppS
     assert read_video(out.video).shape == (5, 128, 192, 3)
     meta = json.loads(next(p for p in out.downloads if p.name.endswith("_settings.json")).read_text())
     assert meta["seed"] == 7 and meta["steps"] == 3
+
+
+def test_run_settings_from_raw_ui_values() -> None:
+    assert RunSettings.from_inputs(8.0, 0.25, 7.0, 3.0) == RunSettings(
+        num_frames=8, control_scale=0.25, seed=7, num_inference_steps=3
+    )
+    assert RunSettings.from_inputs(None, float("nan"), "", "x") == RunSettings()  # cleared boxes → defaults
+
+
+def test_bad_settings_warn(loaded: AppState, tmp_path: Path) -> None:
+    s = _clicks(loaded, (5, 5), (9, 9))
+    for settings, needle in [
+        (RunSettings(seed=-1), "Seed"),
+        (RunSettings(num_inference_steps=0), "Sampling steps"),
+        (RunSettings(control_scale=-0.5), "Control scale"),
+    ]:
+        out, notice = handlers.run_generate(s, settings, tmp_path, pipeline=_FakePipeline())
+        assert out is None and notice.level == "warning" and needle in notice.text

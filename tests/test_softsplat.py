@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,10 +14,14 @@ EPS = 1e-7
 
 
 def slow_softsplat(src, flow, mode="avg", metric=None, eps=EPS):
-    """Independent per-pixel python loop of the spec §8 kernel, in float64."""
+    """Independent per-pixel python loop of the spec §8 kernel, accumulating in float64.
+
+    Like the CUDA kernel, the target ``X = x + flow`` is rounded to the flow's precision (float32 for float32
+    flows) before the bilinear weights are taken from it; everything after that is float64.
+    """
     batch, channels, height, width = src.shape
+    rounding = np.float32 if flow.dtype == torch.float32 else np.float64
     src = src.double()
-    flow = flow.double()
     num = torch.zeros(batch, channels, height, width, dtype=torch.float64)
     den = torch.zeros(batch, height, width, dtype=torch.float64)
     for b in range(batch):
@@ -24,8 +29,8 @@ def slow_softsplat(src, flow, mode="avg", metric=None, eps=EPS):
             peak = max(v for v in metric[b].double().flatten().tolist() if math.isfinite(v))
         for y in range(height):
             for x in range(width):
-                tx = x + float(flow[b, 0, y, x])
-                ty = y + float(flow[b, 1, y, x])
+                tx = float(rounding(x) + rounding(flow[b, 0, y, x].item()))
+                ty = float(rounding(y) + rounding(flow[b, 1, y, x].item()))
                 if not (math.isfinite(tx) and math.isfinite(ty)):
                     continue
                 if mode in ("sum", "avg"):
@@ -153,8 +158,24 @@ def test_batched_matches_slow_loop(mode):
     ref = slow_softsplat(x, flow, mode=mode, metric=metric)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
-    out64 = softsplat(x.double(), flow.double(), mode=mode, metric=None if metric is None else metric.double())
-    torch.testing.assert_close(out64, ref, rtol=0, atol=1e-12)
+    metric64 = None if metric is None else metric.double()
+    out64 = softsplat(x.double(), flow.double(), mode=mode, metric=metric64)
+    ref64 = slow_softsplat(x.double(), flow.double(), mode=mode, metric=metric64)
+    torch.testing.assert_close(out64, ref64, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["avg", "soft"])
+def test_autograd_path_equals_inference_path(mode):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 9, 8, generator=gen)
+    flow = torch.randn(2, 2, 9, 8, generator=gen) * 2
+    metric = torch.randn(2, 1, 9, 8, generator=gen) if mode == "soft" else None
+    with torch.no_grad():
+        fast, fast_w = softsplat_with_weight(x, flow, mode=mode, metric=metric)
+    slow, slow_w = softsplat_with_weight(x.requires_grad_(True), flow, mode=mode, metric=metric)
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(slow.detach(), fast, rtol=0, atol=0)
+    torch.testing.assert_close(slow_w.detach(), fast_w, rtol=0, atol=0)
 
 
 def test_soft_mode_is_safe_for_large_metrics():

@@ -19,8 +19,17 @@ TINY_UNET = {
     "projection_class_embeddings_input_dim": 24,
     "num_frames": 3,
 }
-B, T, h, w = 2, 3, 16, 8  # latent grid
+B, T, h, w = 2, 2, 8, 16  # latent grid (smallest that keeps 4 levels, non-square)
 SVD_MULTIPLICITIES = [4, 4, 4, 4, 3, 3, 3, 2, 2, 2, 1, 1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models: one intra-op thread is ~10x faster than two on a shared, loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _inputs(generator: torch.Generator) -> tuple:
@@ -76,7 +85,7 @@ def _record_skips_and_mid(model: torch.nn.Module, *args, **kwargs) -> tuple[list
 def test_multiplicities_known_answer() -> None:
     assert residual_multiplicities([1, 3, 3, 3, 2]) == SVD_MULTIPLICITIES
     assert residual_multiplicities([1, 3, 3, 3, 2], "single") == [1] * 12
-    assert residual_multiplicities([1, 2, 1]) == [2, 2, 1]
+    assert residual_multiplicities([1, 2, 1]) == [2, 2, 2, 1]
     with pytest.raises(ValueError, match="residual_mode"):
         residual_multiplicities([1, 3], "twice")
 
@@ -101,7 +110,11 @@ def test_loads_stock_svd_unet_folder(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "UNetSpatioTemporalConditionModel"
     ours = MofaUNetSpatioTemporalConditionModel.from_pretrained(tmp_path)
     assert type(ours) is MofaUNetSpatioTemporalConditionModel
-    assert dict(ours.config) | {"_name_or_path": None} == dict(stock.config) | {"_name_or_path": None}
+
+    def public(config) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+    assert public(ours.config) == public(stock.config)
     a, b = ours.state_dict(), stock.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 

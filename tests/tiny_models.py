@@ -115,7 +115,6 @@ def save_svd_folder(parts: dict[str, Any], folder: Path, fp16_variant_only: bool
     """
     pipe = StableVideoDiffusionPipeline(**parts)
     if fp16_variant_only:
-        pipe = StableVideoDiffusionPipeline(**{k: v for k, v in parts.items()})
         for name in ("unet", "vae", "image_encoder"):
             getattr(pipe, name).to(torch.float16)
         pipe.save_pretrained(folder, variant="fp16")
@@ -159,3 +158,25 @@ def save_hybrid_tree(root: Path, parts: dict[str, Any], adapter: MofaAdapterMode
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def build_tiny_pipeline(parts: dict[str, Any] | None = None, zero_adapter: bool = True, flow_model: Any = None):
+    """A :class:`~mofa.pipelines.pipeline_mofa.MofaVideoPipeline` on the tiny SVD parts (progress bar off)."""
+    from mofa.models.unet_injection import MofaUNetSpatioTemporalConditionModel
+    from mofa.pipelines.pipeline_mofa import MofaVideoPipeline
+
+    parts = parts or build_tiny_svd()
+    unet = MofaUNetSpatioTemporalConditionModel.from_config(parts["unet"].config)
+    unet.load_state_dict(parts["unet"].state_dict())
+    adapter = build_tiny_adapter(unet.eval(), zero_init=zero_adapter)
+    pipe = MofaVideoPipeline(
+        vae=parts["vae"],
+        image_encoder=parts["image_encoder"],
+        unet=unet,
+        adapter=adapter,
+        scheduler=parts["scheduler"],
+        feature_extractor=parts["feature_extractor"],
+        flow_model=flow_model,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

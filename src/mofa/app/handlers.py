@@ -10,6 +10,7 @@ back as a warning :class:`Notice` and the state is unchanged.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -83,6 +84,25 @@ class RunSettings:
     num_inference_steps: int = 25
     fps: int = 20
 
+    @classmethod
+    def from_inputs(cls, num_frames: Any, control_scale: Any, seed: Any, num_inference_steps: Any) -> RunSettings:
+        """From raw UI values (floats, or None / NaN when a box was cleared: the default is used then)."""
+        d = cls()
+
+        def num(value: Any, default: float) -> float:
+            try:
+                out = float(value)
+            except (TypeError, ValueError):
+                return default
+            return out if math.isfinite(out) else default
+
+        return cls(
+            num_frames=int(round(num(num_frames, d.num_frames))),
+            seed=int(num(seed, d.seed)),
+            control_scale=num(control_scale, d.control_scale),
+            num_inference_steps=int(round(num(num_inference_steps, d.num_inference_steps))),
+        )
+
 
 @dataclass(frozen=True)
 class RunOutputs:
@@ -101,8 +121,10 @@ class RunOutputs:
 
 
 # ---------------------------------------------------------------------------------------------------------- upload
-def load_image(state: AppState, path: str | Path | None, limits: Limits | None = None) -> tuple[AppState, Notice]:
-    """Read, check and prepare an uploaded image (short side 512, sides multiples of 64, spec §2.1).
+def load_image(
+    state: AppState, path: str | Path | None, limits: Limits | None = None, short_side: int = 512
+) -> tuple[AppState, Notice]:
+    """Read, check and prepare an uploaded image (short side ``short_side``, sides multiples of 64, spec §2.1).
 
     Returns a fresh state (hints dropped) on success, or the unchanged ``state`` and a warning naming the problem.
     """
@@ -127,16 +149,17 @@ def load_image(state: AppState, path: str | Path | None, limits: Limits | None =
             if max(width, height) > limits.max_side:
                 return state, Notice.warning(
                     f"{name} is {width}x{height} px; the largest side allowed is {limits.max_side} px. "
-                    "Downscale it (it is resized to a 512 px short side anyway) and upload again."
+                    f"Downscale it (it is resized to a {short_side} px short side anyway) and upload again."
                 )
             img.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
-        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else f"unreadable ({exc})"
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else f"unreadable ({first_line})"
         return state, Notice.warning(f"{name} is {reason}; upload a PNG, JPEG or WebP image.")
     from mofa.io.image import prepare_image
 
     try:
-        prepared = _as_uint8_hwc(prepare_image(path))
+        prepared = prepare_image(path, short_side=short_side)
     except MofaInputError as exc:
         return state, Notice.warning(str(exc))
     new = state.with_image(prepared, source_name=path.stem or "image")
@@ -144,22 +167,6 @@ def load_image(state: AppState, path: str | Path | None, limits: Limits | None =
     return new, Notice.info(
         f"Loaded {name} ({width}x{height}) → prepared to {w}x{h}. Click on the image to draw a trajectory."
     )
-
-
-def _as_uint8_hwc(image: Any) -> np.ndarray:
-    """What ``prepare_image`` returns (PIL, ``[3,H,W]`` float tensor in [0,1], ``[H,W,3]`` array) → uint8 [H,W,3]."""
-    if hasattr(image, "mode") and hasattr(image, "size"):  # PIL
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    if hasattr(image, "detach"):
-        arr = image.detach().cpu().float().numpy()
-        if arr.ndim == 4:
-            arr = arr[0]
-        arr = np.moveaxis(arr, 0, -1)
-        return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        arr = np.clip(np.rint(arr.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
-    return arr
 
 
 # ---------------------------------------------------------------------------------------------------------- drawing
@@ -252,6 +259,9 @@ def describe(state: AppState) -> str:
         parts.append(f"motion brush: {len(state.move_stamps)} stamp(s)")
     if state.static_stamps:
         parts.append(f"static brush: {len(state.static_stamps)} stamp(s)")
+    if state.history and state.history[-1] == "point":
+        x, y = next(t for t in reversed(state.tracks) if t)[-1]
+        parts.append(f"last point ({x}, {y})")
     if tracks and not state.tracks[-1]:
         parts.append("next click starts a new track")
     return " · ".join(parts)
@@ -287,7 +297,15 @@ def hints_from_state(state: AppState, num_frames: int) -> tuple[Any, list[str]]:
         notes.append(f"track(s) {anchors} have one point and act as static anchors; click a second point to move")
     if len(anchors) == len(tracks):
         notes.append("nothing will move")
-    brushes = [MotionBrush(mask, kind=kind) for kind, mask in _brush_masks(state).items()]  # type: ignore[arg-type]
+    masks = _brush_masks(state)
+    starts = [t[0] for t in tracks]
+    if "move" in masks and not any(masks["move"][y, x] for x, y in starts):
+        notes.append("no track starts inside the motion brush, so the brush changes nothing")
+    if "static" in masks:
+        pinned = [i + 1 for i, (x, y) in enumerate(starts) if masks["static"][y, x] and len(tracks[i]) > 1]
+        if pinned:
+            notes.append(f"track(s) {pinned} start inside the static brush, which keeps that region still")
+    brushes = [MotionBrush(mask, kind=kind) for kind, mask in masks.items()]  # type: ignore[arg-type]
     hints = HintSet(
         image_size=state.image_size,  # type: ignore[arg-type]
         drags=[DragHint.from_points(t) for t in tracks],
@@ -304,6 +322,8 @@ def _check_settings(settings: RunSettings) -> None:
         raise MofaInputError(f"Control scale must be in [0, 10], got {settings.control_scale}.")
     if int(settings.num_inference_steps) < 1:
         raise MofaInputError(f"Sampling steps must be >= 1, got {settings.num_inference_steps}.")
+    if not 0 <= int(settings.seed) < 2**63:
+        raise MofaInputError(f"Seed must be an integer in [0, 2^63), got {settings.seed}.")
 
 
 def _fresh_dir(root: Path, stem: str) -> Path:
@@ -328,13 +348,7 @@ def _write_downloads(state: AppState, hints: Any, frames: Any, out: Path, stem: 
     hints.to_json(json_path)
     png = out / f"{state.source_name}_prepared.png"
     Image.fromarray(np.asarray(state.image)).save(png)
-    return [Path(mp4 or out / f"{stem}.mp4"), Path(gif or out / f"{stem}.gif"), json_path, png]
-
-
-def _image_tensor(state: AppState) -> Any:
-    import torch
-
-    return torch.from_numpy(np.array(state.image)).permute(2, 0, 1).float() / 255.0
+    return [Path(mp4), Path(gif), json_path, png]
 
 
 # ---------------------------------------------------------------------------------------------------------- preview
@@ -356,7 +370,9 @@ def run_preview(
 
     start = time.perf_counter()
     try:
-        result = preview(_image_tensor(state), hints, densifier=densifier, num_frames=settings.num_frames)
+        result = preview(
+            np.array(state.image), hints, densifier=densifier, num_frames=settings.num_frames, progress=False
+        )
     except MofaInputError as exc:
         return None, Notice.warning(str(exc))
     seconds = time.perf_counter() - start
@@ -367,9 +383,8 @@ def run_preview(
     text = f"Preview: {settings.num_frames} frames in {seconds:.1f} s."
     if notes:
         text += " Note: " + "; ".join(notes) + "."
-    return RunOutputs(video=downloads[0], flow_video=flow_path, downloads=downloads, seconds=seconds), Notice.info(
-        text
-    )
+    outputs = RunOutputs(video=downloads[0], flow_video=flow_path, downloads=downloads, seconds=seconds)
+    return outputs, Notice.info(text)
 
 
 # ---------------------------------------------------------------------------------------------------------- generate
@@ -381,8 +396,8 @@ def weights_help() -> str:
         "Generate needs the diffusion weights and this app was started without them (Preview works without "
         f"weights). Restart with hub ids, which download on first use (accept the `{SVD_HUB_ID}` licence on "
         f"huggingface.co first): `mofa app --svd {SVD_HUB_ID} --adapter {TRAJ_HUB_ID} --cmp {TRAJ_HUB_ID}`. "
-        f"Offline, download them elsewhere (`huggingface-cli download {SVD_HUB_ID} --local-dir ckpts/svd`, "
-        f"`huggingface-cli download {TRAJ_HUB_ID} --local-dir ckpts/mofa-traj`), copy them here and run "
+        f"Offline, download them elsewhere (`hf download {SVD_HUB_ID} --local-dir ckpts/svd`, "
+        f"`hf download {TRAJ_HUB_ID} --local-dir ckpts/mofa-traj`), copy them here and run "
         "`mofa app --svd ckpts/svd --adapter ckpts/mofa-traj --cmp ckpts/mofa-traj`. --svd takes a diffusers SVD "
         "folder (model_index.json, unet/, vae/, image_encoder/, scheduler/, feature_extractor/); --adapter a folder "
         "with config.json + diffusion_pytorch_model.safetensors (or the released tree holding ckpts/controlnet); "

@@ -25,13 +25,13 @@ __all__ = ["build_demo", "launch"]
 
 _INTRO = """\
 # MOFA-Video: animate an image with trajectories and brushes
-1. **Upload** an image (resized to a 512 px short side, cropped to multiples of 64).
+1. **Upload** an image (resized to a {short_side} px short side, cropped to multiples of 64).
 2. **Click** on it: each click adds a point to the current trajectory (first point = frame 0, last = last frame).
    *New track* starts another one; a one-point track pins its spot. Switch the click mode to paint a **motion brush**
    (trajectories starting inside it move only the painted region) or a **static brush** (painted region stays still).
 3. **Preview** (seconds, no weights) shows the dense motion and a warped animation; **Generate** runs the diffusion
-   model.
-   Downloads include the hints JSON: `mofa preview <prepared png> --tracks <hints json>` re-runs the same animation.
+   model. Downloads include the hints JSON, so the command line re-runs the same animation (from the original or the
+   prepared image): `mofa preview photo.jpg --tracks photo_hints.json --out photo.mp4{size_flag}`
 """
 
 
@@ -64,6 +64,7 @@ def build_demo(
     out_dir: str | Path | None = None,
     limits: Limits | None = None,
     max_frames: int = 25,
+    short_side: int = 512,
 ) -> gr.Blocks:
     """Build the app (does not launch it).
 
@@ -74,14 +75,17 @@ def build_demo(
         out_dir: where videos and downloads are written (default: a new temporary folder).
         limits: upload limits (largest image side, file size).
         max_frames: largest frame count offered by the slider (25 = the SVD-XT clip length).
+        short_side: uploads are resized to this short side (512 = the reference; smaller is faster on CPU).
     """
+    import mofa.pipelines.preview  # noqa: F401  (import torch & co. now, not during the first click)
+
     limits = limits or Limits()
     out_root = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mofa-app-"))
 
     # ------------------------------------------------------------------ event functions (thin wrappers)
     def on_upload(state: AppState, file: Any) -> tuple[Any, ...]:
         path = getattr(file, "name", file)
-        return _drawing_outputs(*handlers.load_image(state, path, limits))
+        return _drawing_outputs(*handlers.load_image(state, path, limits, short_side))
 
     def on_select(state: AppState, mode: str, radius: float, evt: gr.SelectData) -> tuple[Any, ...]:
         return _drawing_outputs(*handlers.click(state, mode, evt.index, radius))
@@ -98,13 +102,9 @@ def build_demo(
     def on_clear(state: AppState) -> tuple[Any, ...]:
         return _drawing_outputs(*handlers.clear(state))
 
-    def settings(num_frames: float, scale: float, seed: float, steps: float) -> RunSettings:
-        return RunSettings(
-            num_frames=int(num_frames), control_scale=float(scale), seed=int(seed or 0), num_inference_steps=int(steps)
-        )
-
     def on_preview(state: AppState, num_frames: float, scale: float, seed: float, steps: float) -> tuple[Any, ...]:
-        result, notice = handlers.run_preview(state, settings(num_frames, scale, seed, steps), out_root, densifier=cmp)
+        run = RunSettings.from_inputs(num_frames, scale, seed, steps)
+        result, notice = handlers.run_preview(state, run, out_root, densifier=cmp)
         status = _status(state, notice)
         if result is None:
             return gr.skip(), gr.skip(), gr.skip(), status
@@ -121,7 +121,7 @@ def build_demo(
         def report(step: int, total: int) -> None:
             progress((step, total), desc="Denoising", unit="steps")
 
-        run = settings(num_frames, scale, seed, steps)
+        run = RunSettings.from_inputs(num_frames, scale, seed, steps)
         result, notice = handlers.run_generate(state, run, out_root, pipeline=pipeline, progress=report)
         status = _status(state, notice)
         if result is None:
@@ -130,8 +130,10 @@ def build_demo(
 
     # ------------------------------------------------------------------ layout
     with gr.Blocks(title="MOFA-Video", delete_cache=(3600, 3600)) as demo:
-        state = gr.State(AppState())
-        gr.Markdown(_INTRO)
+        state = gr.State(AppState(), time_to_live=6 * 3600)  # an image per session: free idle sessions
+        gr.Markdown(
+            _INTRO.format(short_side=short_side, size_flag="" if short_side == 512 else f" --size {short_side}")
+        )
         with gr.Row():
             with gr.Column(scale=3):
                 upload = gr.UploadButton("Upload image", file_types=["image"], type="filepath", elem_id="mofa-upload")
@@ -211,6 +213,7 @@ def launch(
         share=share,
         max_file_size=limits.max_file_bytes,
         show_error=True,
+        state_session_capacity=256,  # each session holds an image (~1 MB); bound the memory
         prevent_thread_lock=not block,
         quiet=not block,
     )

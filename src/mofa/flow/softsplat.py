@@ -50,47 +50,67 @@ def _check_inputs(src: torch.Tensor, flow: torch.Tensor, mode: str, metric: torc
             raise ValueError(f"metric must be a float tensor on {src.device}, got {metric.dtype} on {metric.device}")
 
 
-def _splat(src: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Bilinear forward splat (the 'sum' mode) of ``src`` [B, C, H, W] by ``flow`` [B, 2, H, W], same dtype.
+def _splat(
+    src: torch.Tensor, flow: torch.Tensor, norm: torch.Tensor | None = None, append_norm: bool = False
+) -> torch.Tensor:
+    """Bilinear forward splat of ``src·norm`` [B, C, H, W] by ``flow`` [B, 2, H, W] (all one float dtype).
 
-    All four corners of all samples go through ONE ``scatter_add_`` on a ``[B, C, 4·H·W] → [B, C, H·W]`` layout.
+    ``norm`` [B, 1, H, W] (None = ones) multiplies every source pixel; with ``append_norm`` the splatted ``norm`` is
+    returned as an extra last channel, giving [B, C+1, H, W]. All four corners of all samples go through ONE
+    ``scatter_add`` on a ``[B, C, 4·(H+2)·(W+2)]`` layout: the canvas has a 1-pixel border so that every corner of
+    a kept target has a valid index; corners landing in the border are cropped away afterwards (the spec's
+    "out-of-range targets are dropped individually") without any per-corner validity masks.
     """
     batch, channels, height, width = src.shape
     hw = height * width
+    pw = width + 2
     dtype = src.dtype
     ys = torch.arange(height, device=src.device, dtype=dtype).view(1, height, 1)
     xs = torch.arange(width, device=src.device, dtype=dtype).view(1, 1, width)
-    tx = xs + flow[:, 0]  # [B, H, W] target x
-    ty = ys + flow[:, 1]
-    # Non-finite targets are ignored; far-away finite targets are dropped too (this also keeps .long() in range).
-    ok = torch.isfinite(tx) & torch.isfinite(ty) & (tx > -1) & (tx < width) & (ty > -1) & (ty < height)
-    zero = torch.zeros((), dtype=dtype, device=src.device)
-    flow_x = torch.where(ok, flow[:, 0], zero)  # masked so NaN/inf never reach the weights (or their gradients)
-    flow_y = torch.where(ok, flow[:, 1], zero)
-    x0f = torch.floor(xs + flow_x).detach()
-    y0f = torch.floor(ys + flow_y).detach()
-    # Fractional parts as (x - floor) + flow: one rounding instead of two, so float32 weights stay accurate
-    # (~1e-7 absolute) even far from the origin.
-    fx = (xs - x0f) + flow_x  # [B, H, W] weight of the right column, in [0, 1]
-    fy = (ys - y0f) + flow_y
-    # Corner weights and indices built as [B, 2 (dy), 2 (dx), H, W] by broadcasting: corner (dx, dy) gets
-    # wx[dx]·wy[dy] (the spec's NW/NE/SW/SE products). A corner outside the grid gets weight 0 and a clamped (unused)
-    # index, so one scatter handles all of them.
-    x0 = x0f.long().unsqueeze(1)  # [B, 1, H, W]
-    y0 = y0f.long().unsqueeze(1)
-    fx = fx.unsqueeze(1)
-    fy = fy.unsqueeze(1)
-    okf = ok.unsqueeze(1).to(dtype)
-    wx = torch.cat([(1 - fx) * (x0 >= 0), fx * (x0 < width - 1)], dim=1)  # [B, 2, H, W]
-    wy = torch.cat([(1 - fy) * (y0 >= 0) * okf, fy * (y0 < height - 1) * okf], dim=1)
-    weight = (wy.unsqueeze(2) * wx.unsqueeze(1)).view(batch, 1, 4, hw)
-    xi = torch.cat([x0.clamp(0, width - 1), (x0 + 1).clamp(0, width - 1)], dim=1)
-    yi = torch.cat([y0.clamp(0, height - 1) * width, (y0 + 1).clamp(0, height - 1) * width], dim=1)
-    index = (yi.unsqueeze(2) + xi.unsqueeze(1)).view(batch, 1, 4 * hw)
-    values = (src.reshape(batch, channels, 1, hw) * weight).view(batch, channels, 4 * hw)
-    out = torch.zeros(batch, channels, hw, dtype=dtype, device=src.device)
-    out = out.scatter_add(2, index.expand(batch, channels, 4 * hw), values)
-    return out.view(batch, channels, height, width)
+    fx = flow[:, 0]
+    fy = flow[:, 1]
+    tx = xs + fx  # [B, H, W] target position
+    ty = ys + fy
+    # Non-finite targets are ignored; targets with no corner inside the grid are dropped (also keeps .long() safe).
+    ok = (tx > -1) & (tx < width) & (ty > -1) & (ty < height)  # False for NaN
+    all_ok = bool(ok.all())
+    if not all_ok:
+        zero = torch.zeros((), dtype=dtype, device=src.device)
+        fx = torch.where(ok, fx, zero)  # masked so NaN/inf never reach the weights (or their gradients)
+        fy = torch.where(ok, fy, zero)
+        tx = xs + fx
+        ty = ys + fy
+    x0f = torch.floor(tx).detach()
+    y0f = torch.floor(ty).detach()
+    # Fractional parts from the rounded target, exactly like the reference CUDA kernel (X - floor(X) in float32).
+    ax = tx - x0f  # weight of the right column, in [0, 1]
+    ay = ty - y0f  # weight of the lower row
+    ry = 1 - ay
+    if not all_ok:  # dropped sources get weight 0 through both rows
+        ay = ay * ok
+        ry = ry * ok
+    # Corner (dx, dy) gets wx[dx]·wy[dy] (the spec's NW, NE, SW, SE products), laid out as [B, 1, 4, HW].
+    wx = torch.stack([1 - ax, ax], dim=1).view(batch, 1, 2, hw)
+    wy = torch.stack([ry, ay], dim=1).view(batch, 2, 1, hw)
+    weight = (wy * wx).view(batch, 1, 4, hw)
+    if norm is not None:
+        weight = weight * norm.reshape(batch, 1, 1, hw)
+    base = ((y0f.long() + 1) * pw + (x0f.long() + 1)).view(batch, 1, hw)  # NW corner on the padded canvas
+    offsets = torch.tensor([0, 1, pw, pw + 1], device=src.device).view(1, 4, 1)
+    index = (base + offsets).view(batch, 1, 4 * hw)
+    out_channels = channels + int(append_norm)
+    if append_norm and not (torch.is_grad_enabled() and (src.requires_grad or weight.requires_grad)):
+        # Write the products straight into one buffer instead of concatenating [src, ones] first.
+        values = torch.empty(batch, out_channels, 4, hw, dtype=dtype, device=src.device)
+        torch.mul(src.reshape(batch, channels, 1, hw), weight, out=values[:, :channels])
+        values[:, channels:] = weight
+    else:
+        values = src.reshape(batch, channels, 1, hw) * weight
+        if append_norm:
+            values = torch.cat([values, weight], dim=1)
+    canvas = torch.zeros(batch, out_channels, (height + 2) * pw, dtype=dtype, device=src.device)
+    canvas.scatter_add_(2, index.expand(batch, out_channels, 4 * hw), values.view(batch, out_channels, -1))
+    return canvas.view(batch, out_channels, height + 2, pw)[:, :, 1:-1, 1:-1]
 
 
 def softsplat_with_weight(
@@ -122,7 +142,7 @@ def softsplat_with_weight(
     x = src.to(compute)
     f = flow.to(compute)
     if mode in ("sum", "avg"):
-        norm = torch.ones_like(x[:, :1])
+        norm = None
     elif mode == "linear":
         norm = metric.to(compute)
     else:
@@ -131,12 +151,10 @@ def softsplat_with_weight(
         finite = torch.where(torch.isfinite(m), m, torch.full_like(m, -torch.inf))
         peak = finite.flatten(1).amax(dim=1).clamp_min(-1e30).view(-1, 1, 1, 1).detach()
         norm = torch.exp(m - peak)
-    numer = x if mode in ("sum", "avg") else x * norm
-    splat = _splat(torch.cat([numer, norm], dim=1), f)
+    splat = _splat(x, f, norm=norm, append_norm=True)
     out, weight = splat[:, :-1], splat[:, -1:]
-    if mode != "sum":
-        out = out / (weight + eps)
-    return out.to(src.dtype), weight.to(src.dtype)
+    out = out / (weight + eps) if mode != "sum" else out.contiguous()
+    return out.to(src.dtype), weight.contiguous().to(src.dtype)
 
 
 def softsplat(
@@ -154,5 +172,5 @@ def softsplat(
     _check_inputs(src, flow, mode, metric)
     if mode == "sum":
         compute = torch.float64 if torch.float64 in (src.dtype, flow.dtype) else torch.float32
-        return _splat(src.to(compute), flow.to(compute)).to(src.dtype)
+        return _splat(src.to(compute), flow.to(compute)).to(src.dtype).contiguous()
     return softsplat_with_weight(src, flow, mode=mode, metric=metric, eps=eps)[0]

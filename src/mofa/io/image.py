@@ -149,7 +149,9 @@ def plan_prepare(raw_size: tuple[int, int], short_side: int = 512, multiple: int
     if isinstance(multiple, bool) or int(multiple) != multiple or multiple < 1:
         raise MofaInputError(f"multiple must be a positive integer, got {multiple!r}")
     if short_side < multiple:
-        raise MofaInputError(f"size {short_side} is smaller than the crop multiple {multiple}; use --size >= {multiple}")
+        raise MofaInputError(
+            f"size {short_side} is smaller than the crop multiple {multiple}; use --size >= {multiple}"
+        )
     raw_h, raw_w = int(raw_size[0]), int(raw_size[1])
     if raw_h < 1 or raw_w < 1:
         raise MofaInputError(f"image is empty ({raw_w}x{raw_h})")

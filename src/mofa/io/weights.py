@@ -84,7 +84,7 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
                 f"convert it to safetensors in a trusted environment first"
             ) from None
         raise MofaInputError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 — any parse failure of a user file (struct.error, EOFError, ...) is input
         raise MofaInputError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
 
 
@@ -267,7 +267,8 @@ def load_cmp_checkpoint(
     check_state_dict(skeleton.state_dict(), state, str(path), "the CMP architecture")
     model = CMPModel(**config)
     model.load_state_dict(state, strict=True)
-    model = model.to(device=device, dtype=target_dtype).eval()
+    # nn.Module.to: ModelMixin.to would warn about fp32-pinned modules, which CMPModel does not have.
+    model = torch.nn.Module.to(model, device=device, dtype=target_dtype).eval()
     report.loaded = len(state)
     report.parameters = sum(p.numel() for p in model.parameters())
     report.target = f"CMPModel ({model.dtype}, {model.device})"
@@ -399,8 +400,8 @@ def _download(repo_id: str, patterns: list[str], files_hint: list[str], where: s
     except Exception as err:  # noqa: BLE001 — every failure mode (offline, no network, 404) gets the same advice
         reason = "HF_HUB_OFFLINE is set" if offline else f"download failed ({type(err).__name__})"
         raise MofaInputError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub: {reason}; place these files in a local folder "
-            f"and pass that folder instead ({where}): {', '.join(files_hint)}"
+            f"{repo_id!r} is no local folder and cannot be fetched from the Hugging Face hub: {reason}; place these "
+            f"files in a local folder and pass that folder instead ({where}): {', '.join(files_hint)}"
         ) from None
 
 
@@ -508,6 +509,8 @@ def resolve_cmp_checkpoint(cmp: str | os.PathLike[str]) -> Path:
         for sub in _CMP_SUBPATHS:
             if (path / sub).is_file():
                 return path / sub
+        if (path / "config.json").is_file():  # a converted CMP (diffusers folder, see convert_cmp_checkpoint)
+            return path
     raise MofaInputError(
         f"CMP checkpoint {path} not found: pass the .pth.tar file or a tree with {CMP_CHECKPOINT_RELPATH}"
     )
@@ -568,15 +571,15 @@ def load_released_pipeline(
         from mofa.pipelines.pipeline_mofa import MofaVideoPipeline as pipeline_cls
     paths = resolve_released(svd, adapter, cmp, variant)
     dtype = torch_dtype or torch.float32
-    common: dict[str, Any] = {"torch_dtype": dtype, "variant": paths.variant}
+    common: dict[str, Any] = {**_dtype_kwargs("diffusers", dtype), "variant": paths.variant}
     unet = MofaUNetSpatioTemporalConditionModel.from_pretrained(paths.svd, subfolder="unet", **common)
     vae = AutoencoderKLTemporalDecoder.from_pretrained(paths.svd, subfolder="vae", **common)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-        paths.svd / "image_encoder", dtype=dtype, variant=paths.variant
+        paths.svd / "image_encoder", variant=paths.variant, **_dtype_kwargs("transformers", dtype)
     )
     scheduler = EulerDiscreteScheduler.from_pretrained(paths.svd, subfolder="scheduler")
     feature_extractor = _load_feature_extractor(paths.svd / "feature_extractor")
-    adapter_model = MofaAdapterModel.from_pretrained(paths.adapter, torch_dtype=dtype)
+    adapter_model = MofaAdapterModel.from_pretrained(paths.adapter, **_dtype_kwargs("diffusers", dtype))
     flow_model = None
     if paths.cmp is not None:
         from mofa.io.weights import load_cmp_checkpoint
@@ -603,3 +606,73 @@ def _load_feature_extractor(folder: Path) -> Any:
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor.from_pretrained(folder)
+
+
+def _dtype_kwargs(library: str, dtype: torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained`` dtype keyword: ``dtype`` for transformers >= 5 / diffusers >= 0.42, else ``torch_dtype``."""
+    if dtype is None:
+        return {}
+    from packaging.version import Version
+
+    module = __import__(library)
+    new = Version(module.__version__).release >= ((5,) if library == "transformers" else (0, 42))
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
+def is_pipeline_folder(path: str | os.PathLike[str]) -> bool:
+    """True for a local folder written by ``MofaVideoPipeline.save_pretrained`` (model_index.json with ``adapter``)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False
+    return "adapter" in json.loads(index.read_text())
+
+
+def load_pipeline_folder(
+    folder: str | os.PathLike[str],
+    pipeline_cls: type[MofaVideoPipeline] | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    device: torch.device | str | None = None,
+    **components: Any,
+) -> MofaVideoPipeline:
+    """Load a saved pipeline folder component by component (``model_index.json`` names each class).
+
+    diffusers' generic loader resolves a component's base class through its *module*, which fails for classes
+    defined in sub-modules of a third-party package; mofa's own components are therefore loaded by their classes.
+    ``components`` overrides individual parts (e.g. ``flow_model=None``).
+    """
+    import importlib
+
+    from mofa.models.adapter import MofaAdapterModel
+    from mofa.models.unet_injection import MofaUNetSpatioTemporalConditionModel
+
+    if pipeline_cls is None:
+        from mofa.pipelines.pipeline_mofa import MofaVideoPipeline as pipeline_cls
+    root = Path(folder)
+    entries = json.loads((root / "model_index.json").read_text())
+    ours: dict[str, Any] = {"unet": MofaUNetSpatioTemporalConditionModel, "adapter": MofaAdapterModel}
+    for name, spec in entries.items():
+        if name.startswith("_") or name in components:
+            continue
+        library, class_name = spec if isinstance(spec, (list, tuple)) else (None, None)
+        if library is None or class_name is None:
+            components[name] = None
+            continue
+        if name == "flow_model":
+            from mofa.models.cmp import CMPModel
+
+            model_cls: Any = CMPModel
+        else:
+            model_cls = ours.get(name) or getattr(importlib.import_module(library), class_name)
+        top = model_cls.__module__.split(".")[0]
+        sub = root / name
+        if name in ("scheduler", "feature_extractor"):
+            components[name] = model_cls.from_pretrained(sub)
+        elif top == "transformers":
+            components[name] = model_cls.from_pretrained(sub, **_dtype_kwargs("transformers", torch_dtype))
+        else:
+            has_variant = variant is not None and any(sub.glob(f"*.{variant}.safetensors"))
+            extra = {"variant": variant} if has_variant else {}
+            components[name] = model_cls.from_pretrained(sub, **_dtype_kwargs("diffusers", torch_dtype), **extra)
+    pipe = pipeline_cls(**components)
+    return pipe.to(device) if device is not None else pipe

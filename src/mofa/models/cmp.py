@@ -19,6 +19,9 @@ and flow features — a convolution of a concatenation is the sum of the convolu
 :meth:`CMPModel.decode` runs only the per-frame rest, batched over frames. :meth:`CMPModel.forward` is the plain
 network, kept for parity tests.
 
+:meth:`encode_image` / :meth:`decode` / :meth:`densify` assume eval mode (BatchNorm with running statistics, as the
+reference runs it); the model is constructed in eval mode. Train with :meth:`forward`.
+
 The image is normalised as ``image * 2 - 1`` only (MOFA-Video's call; the training config's ImageNet mean/std are not
 used at inference). The network is fully convolutional; it was trained on 384×384 crops, which is what
 :meth:`CMPModel.preferred_grid` returns.
@@ -63,16 +66,46 @@ def decode_flow_bins(logits: torch.Tensor, nbins: int = 99, fmax: float = 50.0) 
         nbins, fmax: bin count and range (released CMP: 99 bins over ±50 px).
 
     Returns:
-        ``[N, 2, h, w]`` float32 flow in pixels of the network's *input* grid (not of the logit grid):
-        ``sum_i softmax(logits_axis)_i * bin_centers[i]``. Computed in float32 whatever the logits' dtype.
+        ``[N, 2, h, w]`` flow in pixels of the network's *input* grid (not of the logit grid):
+        ``sum_i softmax(logits_axis)_i * bin_centers[i]``. Computed in float32 (float64 for float64 logits).
     """
     if logits.shape[1] != 2 * nbins:
         raise ValueError(f"expected {2 * nbins} logit channels for nbins={nbins}, got shape {tuple(logits.shape)}")
-    centers = bin_centers(nbins, fmax, device=logits.device).view(1, nbins, 1, 1)
-    logits = logits.float()
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    centers = bin_centers(nbins, fmax, device=logits.device, dtype=dtype).view(1, nbins, 1, 1)
+    logits = logits.to(dtype)
     fx = (torch.softmax(logits[:, :nbins], dim=1) * centers).sum(dim=1, keepdim=True)
     fy = (torch.softmax(logits[:, nbins:], dim=1) * centers).sum(dim=1, keepdim=True)
     return torch.cat([fx, fy], dim=1)
+
+
+def _head_expected_flow(head: nn.Conv2d, features: torch.Tensor, nbins: int, fmax: float) -> torch.Tensor:
+    """``decode_flow_bins(head(features))`` in fewer memory passes (same maths, float32).
+
+    The 1×1 head is a matrix product; the softmax expectation is ``sum(e * c) / sum(e)`` with
+    ``e = exp(logits - max)``, both sums done by one small matrix product. At 192² this step costs as much as a
+    large convolution when written as softmax → multiply → sum, so the fast path uses this form.
+
+    Args:
+        head: the ``64 → 2*nbins`` 1×1 convolution.
+        features: ``[N, 64, h, w]`` input of the head.
+
+    Returns:
+        ``[N, 2, h, w]`` float32 (float64 for float64 input) flow in pixels of the network's input grid, not yet
+        upsampled.
+    """
+    n, channels, height, width = features.shape
+    dtype = torch.promote_types(features.dtype, torch.float32)  # at least float32 (float64 stays float64)
+    features = features.to(dtype)
+    weight = head.weight.reshape(2 * nbins, channels).to(dtype)
+    # bmm with an expanded weight writes [N, 2*nbins, h*w] directly (matmul would fold and transpose-copy)
+    logits = torch.bmm(weight.expand(n, -1, -1), features.reshape(n, channels, height * width))
+    logits = logits.add_(head.bias.to(dtype).view(1, -1, 1)).view(n, 2, nbins, height * width)
+    weights = logits.sub_(logits.amax(dim=2, keepdim=True)).exp_()
+    centers = bin_centers(nbins, fmax, device=features.device, dtype=dtype)
+    projection = torch.stack([centers, torch.ones_like(centers)])
+    sums = torch.matmul(projection, weights)  # [N, 2 axes, (sum e*c, sum e), h*w]
+    return (sums[:, :, 0] / sums[:, :, 1]).view(n, 2, height, width)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -412,11 +445,14 @@ class CMPModel(ModelMixin, ConfigMixin):
             img_terms = features.branch_terms if batch == 1 else tuple(t[sl] for t in features.branch_terms)
             f4_term = features.fusion4_term if batch == 1 else features.fusion4_term[sl]
             f2_term = features.fusion2_term if batch == 1 else features.fusion2_term[sl]
-            outs.append(self._decode_dense(img_terms, tuple(t[sl] for t in sparse_terms), f4_term, f2_term, features))
-        logits = torch.cat(outs, dim=0)
+            f2 = self._decode_dense(img_terms, tuple(t[sl] for t in sparse_terms), f4_term, f2_term, features)
+            if return_logits:
+                outs.append(dec.head(f2))
+            else:
+                outs.append(_head_expected_flow(dec.head, f2, self.config.nbins, self.config.fmax))
         if return_logits:
-            return logits
-        return self._finish(logits, features.image_size)
+            return torch.cat(outs, dim=0)
+        return F.interpolate(torch.cat(outs, dim=0), size=features.image_size, mode="bilinear", align_corners=True)
 
     def _decode_dense(self, img_terms, sparse_terms, f4_term, f2_term, features: CMPImageFeatures) -> torch.Tensor:
         dec = self.flow_decoder
@@ -429,15 +465,14 @@ class CMPModel(ModelMixin, ConfigMixin):
         f8_up = _up(f8, features.layer1.shape[-2:])
         f4 = dec.fusion4[1:](f4_term + _conv_part(dec.fusion4[0], f8_up, 0, 256, bias=False))
         f4_up = _up(f4, features.conv1.shape[-2:])
-        f2 = dec.fusion2[1:](f2_term + _conv_part(dec.fusion2[0], f4_up, 0, 128, bias=False))
-        return dec.head(f2)
+        return dec.fusion2[1:](f2_term + _conv_part(dec.fusion2[0], f4_up, 0, 128, bias=False))
 
     def densify(
         self,
         image: torch.Tensor,
         flow: torch.Tensor,
         mask: torch.Tensor,
-        chunk_size: int | None = 8,
+        chunk_size: int | None = 2,
     ) -> torch.Tensor:
         """Sparse-to-dense protocol: dense flow for N frames of one image, the image encoded once.
 
@@ -466,7 +501,7 @@ class CMPModel(ModelMixin, ConfigMixin):
             dense = self.decode(features, flow.to(device), mask.to(device), chunk_size=chunk_size)
         return dense.to(device=flow.device, dtype=out_dtype)
 
-    def as_densifier(self, chunk_size: int | None = 8) -> CMPDensifier:
+    def as_densifier(self, chunk_size: int | None = 2) -> CMPDensifier:
         """A plain callable for ``densify_hints(..., densifier=...)`` that also answers ``preferred_grid``."""
         return CMPDensifier(self, chunk_size)
 
@@ -474,7 +509,7 @@ class CMPModel(ModelMixin, ConfigMixin):
 class CMPDensifier:
     """Callable wrapper implementing the sparse-to-dense protocol with a CMP model (see :meth:`CMPModel.densify`)."""
 
-    def __init__(self, model: CMPModel, chunk_size: int | None = 8):
+    def __init__(self, model: CMPModel, chunk_size: int | None = 2):
         self.model = model
         self.chunk_size = chunk_size
 

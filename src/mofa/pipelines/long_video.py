@@ -29,8 +29,8 @@ def plan_windows(num_frames: int, window: int = 25, stride: int = 12, dedupe: bo
     The reference's list is ``[(1 + i·S, i·S + W) for i in range((N − W) // S + 1)] + [(N − W + 1, N)]`` (spec §7.4).
     Fixes (spec §12.14): a duplicated last window is dropped (``dedupe=True``), and ``N <= W`` gives the single window
     ``[(1, N)]`` (the reference crashes for ``N < W``). ``dedupe=False`` returns the reference's list verbatim
-    (for ``N >= W``; e.g. ``[(1, 25), (1, 25)]`` for ``N = W = 25``) — :func:`blend_weights` of that list reproduces the reference's averaging, where the duplicate
-    counts twice.
+    (for ``N >= W``; e.g. ``[(1, 25), (1, 25)]`` for ``N = W = 25``) — :func:`blend_weights` of that list reproduces
+    the reference's averaging, where the duplicate counts twice.
 
     Examples: ``plan_windows(25) == [(1, 25)]``; ``plan_windows(49) == [(1, 25), (13, 37), (25, 49)]``;
     ``plan_windows(50) == [(1, 25), (13, 37), (25, 49), (26, 50)]``.

@@ -152,6 +152,28 @@ class MofaVideoPipeline(DiffusionPipeline):
             pipeline_cls=cls,
         )
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any
+    ) -> MofaVideoPipeline:
+        """Load a pipeline folder written by ``save_pretrained`` (``model_index.json`` + SVD components + ``adapter/``
+        + optional ``flow_model/``); any other location (hub id, released tree, bare SVD folder) is treated as the
+        ``svd`` argument of :meth:`from_released`, with ``adapter=`` / ``cmp=`` taken from ``kwargs``.
+
+        Our own components are loaded by their classes directly (diffusers' generic loader cannot resolve classes
+        that live in a sub-module of a third-party package).
+        """
+        from mofa.io.weights import is_pipeline_folder, load_pipeline_folder
+
+        if not is_pipeline_folder(pretrained_model_name_or_path):
+            released = {
+                k: kwargs.pop(k) for k in ("adapter", "cmp", "torch_dtype", "variant", "device") if k in kwargs
+            }
+            if kwargs:
+                raise TypeError(f"unexpected arguments for a released layout: {sorted(kwargs)}")
+            return cls.from_released(svd=pretrained_model_name_or_path, **released)
+        return load_pipeline_folder(pretrained_model_name_or_path, pipeline_cls=cls, **kwargs)
+
     # ------------------------------------------------------------------------------------------------ steps
     def check_inputs(
         self,
@@ -197,7 +219,9 @@ class MofaVideoPipeline(DiffusionPipeline):
             image = [image]
         if isinstance(image, list) and image and isinstance(image[0], PIL.Image.Image):
             arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in image]
-            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+            # Channels-last strides, exactly like diffusers' numpy_to_pt: convolutions then pick the same kernels as
+            # StableVideoDiffusionPipeline and the outputs match it bit for bit.
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         if isinstance(image, np.ndarray):
             arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
             if arr.ndim == 3:
@@ -217,7 +241,7 @@ class MofaVideoPipeline(DiffusionPipeline):
     def _encode_image(
         self, image: torch.Tensor, device: torch.device, cfg: bool, reference_mode: bool
     ) -> torch.Tensor:
-        """CLIP image embedding ``[B, 1, D]`` (``[2B, 1, D]`` under CFG, zeros first). ``image``: ``[B,3,H,W]`` [0,1]."""
+        """CLIP image embedding ``[B, 1, D]`` (``[2B, 1, D]`` under CFG, zeros first) of ``[B, 3, H, W]`` in [0, 1]."""
         dtype = next(self.image_encoder.parameters()).dtype
         fe = self.feature_extractor
         mean = getattr(fe, "image_mean", None) or sampling.CLIP_MEAN
@@ -295,7 +319,7 @@ class MofaVideoPipeline(DiffusionPipeline):
         generator: torch.Generator | None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Initial latents ``[B, T, 4, h, w]`` = N(0, 1) (or the given ``latents``) × ``scheduler.init_noise_sigma``."""
+        """Initial latents ``[B, T, 4, h, w]`` = N(0, 1) (or the given ``latents``) × scheduler.init_noise_sigma."""
         if latents is None:
             latents = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != tuple(shape):
@@ -488,13 +512,14 @@ class MofaVideoPipeline(DiffusionPipeline):
         time_ids = sampling.svd_time_ids(
             fps, motion_bucket_id, noise_aug_strength, batch_size, cfg, reference_mode, dtype=dtype, device=device
         )
-        adapter_dtype = self.adapter.dtype
-        cond_image = vae_image.to(adapter_dtype)  # controlnet_cond: the un-augmented first frame in [-1, 1]
+        # controlnet_cond: the un-augmented first frame in [-1, 1]
+        cond_image = vae_image.to(self.adapter.dtype).contiguous()
 
         # 2. timesteps and initial noise
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        latent_shape = (batch_size, num_frames, self.vae.config.latent_channels, height // 8, width // 8)
+        scale = self.vae_scale_factor
+        latent_shape = (batch_size, num_frames, self.vae.config.latent_channels, height // scale, width // scale)
         latents = self.prepare_latents(latent_shape, dtype, device, generator, latents)
 
         # 3. windows (one for T <= window_size) with their cached conditioning

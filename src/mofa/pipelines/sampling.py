@@ -22,7 +22,7 @@ import torch
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 
 REFERENCE_TIME_IDS: tuple[float, float, float] = (6.0, 128.0, 0.02)
-"""The (fps, motion bucket, noise augmentation) micro-conditioning hard-coded by the reference pipeline (spec §7.1.4)."""
+"""(fps, motion bucket, noise augmentation) micro-conditioning hard-coded by the reference pipeline (spec §7.1.4)."""
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -41,11 +41,12 @@ def svd_time_ids(
 ) -> torch.Tensor:
     """SVD's added time ids (micro-conditioning), ``[B', 3]`` in the order (fps, motion bucket, noise augmentation).
 
-    Default: ``[fps - 1, motion_bucket_id, noise_aug_strength]`` — SVD was trained on ``fps - 1`` (the same convention
-    as diffusers' ``StableVideoDiffusionPipeline``), repeated ``batch_size`` times and doubled only under classifier-free
-    guidance (``B' = 2B`` then, unconditional half first). ``reference_mode=True`` ignores the three arguments and
-    uses ``[6, 128, 0.02]`` (spec §7.1.4, §12.4). The reference also doubles the ids without CFG, which makes its UNet
-    fail on a shape mismatch (§12.7); that crash is not reproduced: without CFG both modes return ``B`` rows.
+    Default: ``[fps - 1, motion_bucket_id, noise_aug_strength]`` — SVD was trained on ``fps - 1`` (the same
+    convention as diffusers' ``StableVideoDiffusionPipeline``), repeated ``batch_size`` times and doubled only under
+    classifier-free guidance (``B' = 2B`` then, unconditional half first). ``reference_mode=True`` ignores the three
+    arguments and uses ``[6, 128, 0.02]`` (spec §7.1.4, §12.4). The reference also doubles the ids without CFG, which
+    makes its UNet fail on a shape mismatch (§12.7); that crash is not reproduced: without CFG both modes return
+    ``B`` rows.
     """
     values = list(REFERENCE_TIME_IDS) if reference_mode else [fps - 1, motion_bucket_id, noise_aug_strength]
     ids = torch.tensor([values], dtype=dtype, device=device)
@@ -98,10 +99,10 @@ def guidance_ramp(
 
 
 def combine_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Classifier-free guidance ``uncond + scale · (cond − uncond)``; shapes ``[B, T, C, h, w]``, scale broadcastable."""
+    """Classifier-free guidance ``uncond + scale · (cond − uncond)``; ``[B, T, C, h, w]``, scale broadcastable."""
     return uncond + scale * (cond - uncond)
 
 
 def do_cfg(max_guidance_scale: float) -> bool:
-    """Classifier-free guidance runs when the largest per-frame weight exceeds 1 (diffusers' and the reference's rule)."""
+    """CFG runs when the largest per-frame weight exceeds 1 (diffusers' and the reference's rule)."""
     return max_guidance_scale > 1.0

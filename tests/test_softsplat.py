@@ -243,3 +243,11 @@ def test_bad_shapes_raise_value_error():
         softsplat(x, torch.zeros(2, 2, 4, 4), mode="avg", metric=torch.ones(2, 1, 4, 4))
     with pytest.raises(ValueError, match="unknown softsplat mode"):
         softsplat(x, torch.zeros(2, 2, 4, 4), mode="max")
+
+
+def test_channels_last_input_matches_contiguous() -> None:
+    src = torch.rand(2, 5, 7, 9)
+    flow = torch.randn(2, 2, 7, 9) * 2
+    expected = softsplat(src, flow, mode="avg")
+    got = softsplat(src.to(memory_format=torch.channels_last), flow.to(memory_format=torch.channels_last), mode="avg")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -109,7 +109,7 @@ def _splat(
         if append_norm:
             values = torch.cat([values, weight], dim=1)
     canvas = torch.zeros(batch, out_channels, (height + 2) * pw, dtype=dtype, device=src.device)
-    canvas.scatter_add_(2, index.expand(batch, out_channels, 4 * hw), values.view(batch, out_channels, -1))
+    canvas.scatter_add_(2, index.expand(batch, out_channels, 4 * hw), values.reshape(batch, out_channels, -1))
     return canvas.view(batch, out_channels, height + 2, pw)[:, :, 1:-1, 1:-1]
 
 

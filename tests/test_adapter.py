@@ -28,15 +28,6 @@ B, T, H, W = 2, 3, 128, 64  # image pixels; latents 16 x 8
 CROSS = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one intra-op thread is ~10x faster than two on a shared, loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(model: torch.nn.Module, generator: torch.Generator, scale: float = 0.05) -> None:
     """Give every parameter (also the zero-initialised convs) small random values."""
     with torch.no_grad():

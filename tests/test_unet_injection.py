@@ -23,15 +23,6 @@ B, T, h, w = 2, 2, 8, 16  # latent grid (smallest that keeps 4 levels, non-squar
 SVD_MULTIPLICITIES = [4, 4, 4, 4, 3, 3, 3, 2, 2, 2, 1, 1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one intra-op thread is ~10x faster than two on a shared, loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(generator: torch.Generator) -> tuple:
     return (
         torch.randn(B, T, 8, h, w, generator=generator),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -52,6 +52,17 @@ def _load_densifier(s2d: str, cmp: Path | None) -> tuple[object | None, str]:
     return load_cmp_checkpoint(resolve_cmp_checkpoint(cmp)), f"cmp:{cmp}"
 
 
+def _image_metadata(inputs: Any) -> dict[str, Any]:
+    """The sidecar's description of the image preparation (shared by preview, demo and animate)."""
+    h, w = inputs.hints.image_size
+    return {
+        "raw_size": list(inputs.transform.raw_size),
+        "prepared_size": [h, w],
+        "crop_top_left": [inputs.transform.crop_top, inputs.transform.crop_left],
+        "hints_grid": inputs.hints_grid,
+    }
+
+
 def _run_preview(
     image: object,
     tracks: object,
@@ -84,17 +95,11 @@ def _run_preview(
     )  # fmt: skip
     densifier, s2d_label = _load_densifier(s2d, cmp)
     result = preview(inputs.image, inputs.hints, densifier=densifier, reference_mode=reference_mode)
-    h, w = inputs.hints.image_size
     metadata = {
         "command": command,
         "mofa_version": __version__,
         "inputs": {**inputs.sources, **(sources or {})},
-        "image": {
-            "raw_size": list(inputs.transform.raw_size),
-            "prepared_size": [h, w],
-            "crop_top_left": [inputs.transform.crop_top, inputs.transform.crop_left],
-            "hints_grid": inputs.hints_grid,
-        },
+        "image": _image_metadata(inputs),
         "params": {
             "num_frames": inputs.hints.num_frames,
             "fps": fps,
@@ -270,17 +275,11 @@ def animate_command(
     )
     generated = time.perf_counter()
     video = PreviewOutput(frames=result.frames[0].cpu(), flow=result.flow[0], holes=torch.zeros(0))
-    h, w = inputs.hints.image_size
     metadata = {
         "command": "animate",
         "mofa_version": __version__,
         "inputs": {**inputs.sources, "svd": svd, "adapter": adapter, "cmp": cmp},
-        "image": {
-            "raw_size": list(inputs.transform.raw_size),
-            "prepared_size": [h, w],
-            "crop_top_left": [inputs.transform.crop_top, inputs.transform.crop_left],
-            "hints_grid": inputs.hints_grid,
-        },
+        "image": _image_metadata(inputs),
         "params": {
             "num_frames": inputs.hints.num_frames,
             "steps": steps,

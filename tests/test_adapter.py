@@ -13,7 +13,7 @@ from mofa.errors import MofaInputError
 from mofa.flow.softsplat import softsplat
 from mofa.models.adapter import MofaAdapterModel, MofaAdapterOutput
 
-KEYS_TSV = Path("/work/shared/spec/keys/traj_controlnet.tsv")
+KEYS_TSV = Path(__file__).parent / "data" / "keys" / "traj_controlnet.tsv"
 
 TINY = {
     "block_out_channels": (32, 64, 64, 64),

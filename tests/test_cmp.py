@@ -10,7 +10,7 @@ import torch
 from mofa.errors import MofaInputError
 from mofa.models.cmp import CMPModel, bin_centers, decode_flow_bins
 
-KEY_TABLE = Path("/work/shared/spec/keys/cmp_resnet50_vip_mpii_liteflow.tsv")
+KEY_TABLE = Path(__file__).parent / "data" / "keys" / "cmp_resnet50_vip_mpii_liteflow.tsv"
 
 
 def randomize(model: CMPModel, generator: torch.Generator, head_gain: float = 8.0) -> CMPModel:

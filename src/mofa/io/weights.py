@@ -582,8 +582,6 @@ def load_released_pipeline(
     adapter_model = MofaAdapterModel.from_pretrained(paths.adapter, **_dtype_kwargs("diffusers", dtype))
     flow_model = None
     if paths.cmp is not None:
-        from mofa.io.weights import load_cmp_checkpoint
-
         flow_model = load_cmp_checkpoint(paths.cmp)
     pipe = pipeline_cls(
         vae=vae,

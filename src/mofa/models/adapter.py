@@ -41,6 +41,7 @@ from torch import nn
 from mofa.errors import MofaInputError
 from mofa.flow.ops import subsample_flow
 from mofa.flow.softsplat import softsplat
+from mofa.models.svd_blocks import embed_and_flatten, run_down_block
 
 __all__ = ["RELEASED_ATTENTION_HEADS", "REFERENCE_STRIDES", "MofaAdapterModel", "MofaAdapterOutput"]
 
@@ -430,24 +431,10 @@ class MofaAdapterModel(ModelMixin, ConfigMixin):
             reference_features = self.encode_reference(controlnet_cond, controlnet_flow, num_frames)
         self._check_reference_features(reference_features, batch_size, num_frames, sample.shape[-2:])
 
-        # 1. time (as in the SVD UNet)
-        timesteps = timestep
-        if not torch.is_tensor(timesteps):
-            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
-            if sample.device.type == "mps":
-                dtype = torch.float32 if dtype == torch.float64 else torch.int32
-            timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
-        elif timesteps.dim() == 0:
-            timesteps = timesteps[None].to(sample.device)
-        timesteps = timesteps.expand(batch_size)
-        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=sample.dtype))
-        time_embeds = self.add_time_proj(added_time_ids.flatten()).reshape((batch_size, -1)).to(emb.dtype)
-        emb = emb + self.add_embedding(time_embeds)
-
-        sample = sample.flatten(0, 1)
-        emb = emb.repeat_interleave(num_frames, dim=0)
-        encoder_hidden_states = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
-        image_only_indicator = torch.zeros(batch_size, num_frames, dtype=sample.dtype, device=sample.device)
+        # 1. time (as in the SVD UNet), frames folded into the batch
+        sample, emb, encoder_hidden_states, image_only_indicator = embed_and_flatten(
+            self, sample, timestep, encoder_hidden_states, added_time_ids
+        )
 
         # 2. encoder stream with injected reference features (skips taken before each injection)
         w0, w1, w2, w3 = reference_features
@@ -455,15 +442,7 @@ class MofaAdapterModel(ModelMixin, ConfigMixin):
         sample = _add_feature(self.conv_in(sample), w0)
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block, feature in zip(self.down_blocks, injections, strict=True):
-            if getattr(block, "has_cross_attention", False):
-                sample, res = block(
-                    hidden_states=sample,
-                    temb=emb,
-                    encoder_hidden_states=encoder_hidden_states,
-                    image_only_indicator=image_only_indicator,
-                )
-            else:
-                sample, res = block(hidden_states=sample, temb=emb, image_only_indicator=image_only_indicator)
+            sample, res = run_down_block(block, sample, emb, encoder_hidden_states, image_only_indicator)
             sample = _add_feature(sample, feature)
             skips += res
         sample = _add_feature(sample, w3)

@@ -23,6 +23,8 @@ from diffusers.models.unets.unet_spatio_temporal_condition import (
 )
 from diffusers.utils import logging
 
+from mofa.models.svd_blocks import embed_and_flatten, run_down_block
+
 __all__ = ["RESIDUAL_MODES", "MofaUNetSpatioTemporalConditionModel", "residual_multiplicities"]
 
 logger = logging.get_logger(__name__)
@@ -101,47 +103,21 @@ class MofaUNetSpatioTemporalConditionModel(UNetSpatioTemporalConditionModel):
             logger.info("Forward upsample size to force interpolation output size.")
             forward_upsample_size = True
 
-        # 1. time
-        timesteps = timestep
-        if not torch.is_tensor(timesteps):
-            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
-            if sample.device.type == "mps":
-                dtype = torch.float32 if dtype == torch.float64 else torch.int32
-            timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
-        elif len(timesteps.shape) == 0:
-            timesteps = timesteps[None].to(sample.device)
+        # 1. time, frames folded into the batch
         batch_size, num_frames = sample.shape[:2]
-        timesteps = timesteps.expand(batch_size)
-        t_emb = self.time_proj(timesteps).to(dtype=sample.dtype)
-        emb = self.time_embedding(t_emb)
-        time_embeds = self.add_time_proj(added_time_ids.flatten())
-        time_embeds = time_embeds.reshape((batch_size, -1)).to(emb.dtype)
-        emb = emb + self.add_embedding(time_embeds)
-
-        sample = sample.flatten(0, 1)
-        emb = emb.repeat_interleave(num_frames, dim=0, output_size=emb.shape[0] * num_frames)
-        encoder_hidden_states = encoder_hidden_states.repeat_interleave(
-            num_frames, dim=0, output_size=encoder_hidden_states.shape[0] * num_frames
+        sample, emb, encoder_hidden_states, image_only_indicator = embed_and_flatten(
+            self, sample, timestep, encoder_hidden_states, added_time_ids
         )
 
         # 2. pre-process
         sample = self.conv_in(sample)
-        image_only_indicator = torch.zeros(batch_size, num_frames, dtype=sample.dtype, device=sample.device)
 
         # 3. down (skips receive the residuals; the down-path activations do not)
         down_block_res_samples: tuple[torch.Tensor, ...] = (sample,)
         for downsample_block in self.down_blocks:
-            if hasattr(downsample_block, "has_cross_attention") and downsample_block.has_cross_attention:
-                sample, res_samples = downsample_block(
-                    hidden_states=sample,
-                    temb=emb,
-                    encoder_hidden_states=encoder_hidden_states,
-                    image_only_indicator=image_only_indicator,
-                )
-            else:
-                sample, res_samples = downsample_block(
-                    hidden_states=sample, temb=emb, image_only_indicator=image_only_indicator
-                )
+            sample, res_samples = run_down_block(
+                downsample_block, sample, emb, encoder_hidden_states, image_only_indicator
+            )
             down_block_res_samples += res_samples
             if residuals is not None and residual_mode == "accumulate":
                 # The reference's running re-summation: zip truncates to the skips stored so far.

@@ -262,3 +262,11 @@ def test_save_pretrained_roundtrip(tmp_path, live_pipe64, image, flow):
     # random tiny UNet amplifies
     diff = run(loaded, image, flow=flow).frames - run(live_pipe64, image, flow=flow).frames
     assert float(diff.abs().max()) <= 1e-8
+
+
+def test_channels_last_convs_same_video(live_pipe64, image, flow):
+    """The channels-last scope changes only the memory layout the convolutions see (UNet, adapter, VAE)."""
+    nchw = run(live_pipe64, image, flow=flow, channels_last=False).frames
+    nhwc = run(live_pipe64, image, flow=flow, channels_last=True).frames
+    assert float((nchw - nhwc).abs().max()) <= 1e-10
+    assert all(not m._forward_pre_hooks for m in live_pipe64.unet.modules())

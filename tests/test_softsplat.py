@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from mofa.flow.softsplat import softsplat, softsplat_with_weight
+from mofa.flow.softsplat import (
+    INFERENCE_ENGINES,
+    SPLAT_MODES,
+    _inference_engine,
+    _splat,
+    _splat_inference,
+    softsplat,
+    softsplat_with_weight,
+)
 
 EPS = 1e-7
 
@@ -251,3 +259,130 @@ def test_channels_last_input_matches_contiguous() -> None:
     expected = softsplat(src, flow, mode="avg")
     got = softsplat(src.to(memory_format=torch.channels_last), flow.to(memory_format=torch.channels_last), mode="avg")
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+# --- no-grad inference engines (sparse CSR product, chunked scatter, batched scatter) ---
+
+SPARSE_AVAILABLE = _inference_engine(torch.empty(1, 64, 64, 64)) == "sparse"
+needs_sparse = pytest.mark.skipif(not SPARSE_AVAILABLE, reason="the sparse engine needs Linux and PyTorch with MKL")
+
+
+def _hard_case(gen, batch, channels, height, width, dtype):
+    """Random src and flow with the awkward cases: NaN/inf flow, targets fully or partly off the grid, integers."""
+    x = torch.randn(batch, channels, height, width, generator=gen, dtype=dtype)
+    flow = (torch.randn(batch, 2, height, width, generator=gen) * 3).to(dtype)
+    flow[0, 0, 0, 0] = float("nan")
+    flow[0, 1, 1, 2] = float("inf")
+    flow[-1, 0, -1, -1] = -float("inf")
+    flow[-1, :, 2, 3] = 40.0  # lands fully outside: dropped
+    flow[0, 0, 3, :] = -0.5  # left column half off the grid
+    flow[0, :, 4, 1] = 2.0  # exact integer target
+    return x, flow
+
+
+def _metric(gen, mode, batch, height, width, dtype):
+    if mode == "linear":
+        return (torch.rand(batch, 1, height, width, generator=gen) + 0.1).to(dtype)
+    if mode == "soft":
+        return (torch.randn(batch, 1, height, width, generator=gen) * 3).to(dtype)
+    return None
+
+
+def test_inference_engine_rule():
+    assert _inference_engine(torch.empty(2, 3, 512, 512)) == "chunked"  # preview-like RGB
+    assert _inference_engine(torch.empty(2, 16, 64, 64)) == "chunked"
+    assert _inference_engine(torch.empty(2, 320, 8, 8)) == "chunked"  # C·H·W too small to pay for the matrices
+    assert _inference_engine(torch.empty(2, 320, 64, 64, device="meta")) == "batched"
+    assert _inference_engine(torch.empty(2, 320, 64, 64)) == ("sparse" if SPARSE_AVAILABLE else "chunked")
+    with pytest.raises(ValueError, match="unknown softsplat engine"):
+        _splat_inference(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2), None, None, False, engine="cuda")
+
+
+@pytest.mark.parametrize("engine", INFERENCE_ENGINES)
+@pytest.mark.parametrize("mode", SPLAT_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [3, 40])
+def test_inference_engines_match_autograd_path(engine, mode, dtype, channels):
+    if engine == "sparse" and not SPARSE_AVAILABLE:
+        pytest.skip("the sparse engine needs Linux and PyTorch with MKL")
+    gen = torch.Generator().manual_seed(5)
+    x, flow = _hard_case(gen, 3, channels, 9, 11, dtype)
+    metric = _metric(gen, mode, 3, 9, 11, dtype)
+    norm = None if metric is None else (metric if mode == "linear" else torch.exp(metric - metric.amax()))
+    eps = None if mode == "sum" else EPS
+    out, weight = _splat_inference(x, flow, norm, eps, with_weight=True, engine=engine)
+    out_only, no_weight = _splat_inference(x, flow, norm, eps, with_weight=False, engine=engine)
+    assert no_weight is None and torch.equal(out, out_only)
+    splat = _splat(x.requires_grad_(True), flow, norm=norm, append_norm=True)  # the autograd path
+    expected = splat[:, :-1] if eps is None else splat[:, :-1] / (splat[:, -1:] + eps)
+    assert out.dtype == weight.dtype == dtype and out.is_contiguous() and not out.requires_grad
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(weight, splat[:, -1:].detach(), rtol=0, atol=1e-6)
+    assert torch.isfinite(out).all()
+
+
+@needs_sparse
+@pytest.mark.parametrize("mode", SPLAT_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_engine_matches_slow_loop(mode, dtype):
+    gen = torch.Generator().manual_seed(6)
+    batch, channels, height, width = 2, 32, 32, 32  # large enough for the dispatcher to pick the sparse engine
+    x, flow = _hard_case(gen, batch, channels, height, width, dtype)
+    metric = _metric(gen, mode, batch, height, width, dtype)
+    assert _inference_engine(x) == "sparse"
+    with torch.no_grad():
+        out, weight = softsplat_with_weight(x, flow, mode=mode, metric=metric)
+        plain = softsplat(x, flow, mode=mode, metric=metric)
+    assert torch.equal(out, plain)
+    ref = slow_softsplat(x, flow, mode=mode, metric=metric)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+    slow_out, slow_weight = softsplat_with_weight(x.requires_grad_(True), flow, mode=mode, metric=metric)
+    assert slow_out.requires_grad
+    torch.testing.assert_close(out, slow_out.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(weight, slow_weight.detach(), rtol=0, atol=1e-6)
+
+
+@needs_sparse
+def test_no_grad_takes_the_sparse_engine():
+    """The dispatcher runs the sparse product without grad and the single scatter with grad (seen by the profiler)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 40, 32, 32, generator=gen)
+    flow = torch.randn(2, 2, 32, 32, generator=gen) * 3
+
+    def ops(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return {event.key for event in prof.key_averages()}
+
+    with torch.no_grad():
+        assert "aten::addmm" in ops(lambda: softsplat(x, flow))
+    assert "aten::addmm" in ops(lambda: softsplat(x, flow))  # grad mode on, but nothing requires grad
+    assert "aten::addmm" not in ops(lambda: softsplat(x.requires_grad_(True), flow))
+    with torch.no_grad():
+        assert "aten::addmm" not in ops(lambda: softsplat(x[:, :3], flow))  # RGB: chunked scatter
+
+
+@needs_sparse
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_engine_half_precision_equals_autograd_path(dtype):
+    gen = torch.Generator().manual_seed(8)
+    x, flow = _hard_case(gen, 2, 40, 32, 32, torch.float32)
+    x, flow = x.to(dtype), flow.to(dtype)
+    with torch.no_grad():
+        fast = softsplat(x, flow)
+    slow = softsplat(x.requires_grad_(True), flow)
+    assert fast.dtype == dtype
+    torch.testing.assert_close(fast.float(), slow.detach().float(), rtol=0, atol=1e-6)
+
+
+@needs_sparse
+def test_sparse_engine_channels_last_and_expanded_inputs():
+    gen = torch.Generator().manual_seed(9)
+    x, flow = _hard_case(gen, 3, 40, 32, 32, torch.float32)
+    with torch.no_grad():
+        expected = softsplat(x, flow)
+        got = softsplat(x.to(memory_format=torch.channels_last), flow)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        # The adapter warps one feature by several flows: a stride-0 batch must work as well.
+        shared = x[:1].expand(3, -1, -1, -1)
+        torch.testing.assert_close(softsplat(shared, flow), softsplat(shared.contiguous(), flow), rtol=0, atol=1e-6)

@@ -9,11 +9,13 @@ runs; ``peak_mb`` is the peak minus the RSS just before the run (model and input
 The per-frame baseline costs ~2-3 s per frame on this 2-core machine, so by default only ``--baseline-frames`` of
 the 24 frames are run and its time is scaled linearly (each frame is an identical, independent full-network run);
 pass ``--baseline-frames 24`` to time all. Both wall and CPU (process) time are reported: the machine is shared, and
-CPU time is less sensitive to other users' load. Outputs of the timed baseline frames are compared with densify's.
+CPU time is less sensitive to other users' load. The two modes alternate ``--repeats`` times (fresh processes each
+time) and each mode's fastest run counts, so a burst of load during one run does not decide the ratio; peak memory
+is the largest seen. Outputs of the timed baseline frames are compared with densify's.
 
 Usage:
-    python bench/cmp.py                          # 24 frames, 384², 1 thread, baseline timed on 4 frames
-    python bench/cmp.py --threads 2 --baseline-frames 24
+    python bench/cmp.py                          # 24 frames, 384², 1 thread, baseline timed on 4 frames, 2 repeats
+    python bench/cmp.py --threads 2 --baseline-frames 24 --repeats 1
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (machine is shared)")
     parser.add_argument("--baseline-frames", type=int, default=4, help="per-frame runs actually timed")
     parser.add_argument("--chunk-size", type=int, default=2, help="densify decoder chunk")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per mode; the fastest counts")
     parser.add_argument("--child", choices=["once", "per_frame"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,17 +138,26 @@ def main() -> None:
     import torch
 
     load_before = os.getloadavg()[0]
+    runs: dict[str, list[dict]] = {"once": [], "per_frame": []}
     with tempfile.TemporaryDirectory() as tmp:
-        once = run_mode("once", args, Path(tmp) / "once.pt")
-        base = run_mode("per_frame", args, Path(tmp) / "base.pt")
-        dense, ref = torch.load(Path(tmp) / "once.pt"), torch.load(Path(tmp) / "base.pt")
+        for _ in range(max(1, args.repeats)):
+            for mode in runs:
+                runs[mode].append(run_mode(mode, args, Path(tmp) / f"{mode}.pt"))
+        dense, ref = torch.load(Path(tmp) / "once.pt"), torch.load(Path(tmp) / "per_frame.pt")
+    once, base = (min(runs[mode], key=lambda r: r["cpu_s"]) for mode in ("once", "per_frame"))
+    for best, mode in ((once, "once"), (base, "per_frame")):
+        best["peak_mb"] = max(r["peak_mb"] for r in runs[mode])
+        best["ru_maxrss_mb"] = max(r["ru_maxrss_mb"] for r in runs[mode])
     load_after = os.getloadavg()[0]
     k = base["frames_run"]
     diff = (dense[:k] - ref).abs().max().item()
     scale = args.frames / k
     base_wall, base_cpu = base["wall_s"] * scale, base["cpu_s"] * scale
     speed_wall, speed_cpu = base_wall / once["wall_s"], base_cpu / once["cpu_s"]
-    print(f"CMP densify, {args.frames} frames at {args.size}x{args.size}, {args.threads} thread(s)")
+    print(
+        f"CMP densify, {args.frames} frames at {args.size}x{args.size}, {args.threads} thread(s), "
+        f"best of {len(runs['once'])} run(s) per mode"
+    )
     print(
         f"  once-per-image (densify):  wall {once['wall_s']:7.2f} s  cpu {once['cpu_s']:7.2f} s  "
         f"peak +{once['peak_mb']:.0f} MB (ru_maxrss {once['ru_maxrss_mb']:.0f} MB)"
@@ -155,11 +167,14 @@ def main() -> None:
         f"peak +{base['peak_mb']:.0f} MB (ru_maxrss {base['ru_maxrss_mb']:.0f} MB)  "
         f"[{k} of {args.frames} frames timed, scaled x{scale:.1f}]"
     )
+    per_run = {mode: ", ".join(f"{r['cpu_s']:.2f}" for r in rs) for mode, rs in runs.items()}
+    print(f"  cpu s per run: once [{per_run['once']}], per-frame [{per_run['per_frame']}] ({k} frames, unscaled)")
     print(f"  speed-up: {speed_wall:.2f}x wall, {speed_cpu:.2f}x cpu;  max |densify - per-frame| = {diff:.2e} px")
     noisy = " (shared machine: wall times are noisy, prefer the cpu ratio)" if max(load_before, load_after) > 2 else ""
     print(f"  load average {load_before:.1f} -> {load_after:.1f}{noisy}")
     print(
         f"RESULT frames={args.frames} size={args.size} threads={args.threads} baseline_frames_timed={k} "
+        f"repeats={len(runs['once'])} "
         f"once_wall_s={once['wall_s']:.2f} per_frame_wall_s={base_wall:.2f} speedup_wall={speed_wall:.2f} "
         f"once_cpu_s={once['cpu_s']:.2f} per_frame_cpu_s={base_cpu:.2f} speedup_cpu={speed_cpu:.2f} "
         f"once_peak_mb={once['peak_mb']:.0f} per_frame_peak_mb={base['peak_mb']:.0f} max_abs_diff={diff:.2e} "

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mofa.errors import MofaInputError
-from mofa.models.cmp import CMPModel, bin_centers, decode_flow_bins
+from mofa.flow.densify import densify_hints
+from mofa.hints import DragHint, HintSet, MotionBrush
+from mofa.models.cmp import CMPModel, _ResizedConv3x3, bin_centers, decode_flow_bins
 
 KEY_TABLE = Path(__file__).parent / "data" / "keys" / "cmp_resnet50_vip_mpii_liteflow.tsv"
 
@@ -252,3 +256,59 @@ def test_densify_does_not_modify_inputs(model: CMPModel, generator: torch.Genera
     copies = [t.clone() for t in (image, flow, mask)]
     model.densify(image, flow, mask)
     assert all(torch.equal(a, b) for a, b in zip((image, flow, mask), copies, strict=True))
+
+
+def test_densify_hints_brush_passes_share_one_image_encoding(model: CMPModel, generator: torch.Generator) -> None:
+    """With a motion brush, the out- and in-pass frames go through one densify call: the ResNet runs once, and the
+    result equals densifying every frame on its own."""
+    brush = np.zeros((64, 64), bool)
+    brush[:, :32] = True
+    drags = [DragHint([[10, 12], [18, 20]]), DragHint([[50, 40], [44, 36]])]  # one starts inside, one outside
+    hints = HintSet((64, 64), drags, [MotionBrush(brush)], num_frames=4)
+    image = torch.rand(3, 64, 64, generator=generator)
+
+    def per_frame(img: torch.Tensor, flow: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model.densify(img, flow[i : i + 1], mask[i : i + 1]) for i in range(flow.shape[0])])
+
+    calls = []
+    handle = model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for reference_mode in (False, True):
+            calls.clear()
+            dense = densify_hints(image, hints, model, grid_size=(64, 64), reference_mode=reference_mode)
+            assert len(calls) == 1
+            want = densify_hints(image, hints, per_frame, grid_size=(64, 64), reference_mode=reference_mode)
+            assert len(calls) == 1 + 2 * 3  # the reference way: every frame of both passes encodes the image
+            assert dense.shape == (3, 2, 64, 64) and dense.abs().max() > 0.1
+            torch.testing.assert_close(dense, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=0)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize(("src", "dst"), [((6, 6), (12, 12)), ((3, 5), (12, 20)), ((1, 1), (8, 8)), ((7, 4), (7, 4))])
+def test_resized_conv_equals_conv_of_interpolated_input(src, dst, generator: torch.Generator) -> None:
+    """The per-frame fusion layers' rewrite: conv3x3(bilinear resize) without building the resized input."""
+    weight = torch.randn(5, 3, 3, 3, generator=generator, dtype=torch.float64)
+    x = torch.randn(3, *src, generator=generator, dtype=torch.float64)
+    up = F.interpolate(x[None], size=dst, mode="bilinear", align_corners=True)
+    want = F.conv2d(up, weight, padding=1)[0]  # [5, A', B']
+    acc = torch.randn(dst[1], dst[0], 5, generator=generator, dtype=torch.float64)
+    plan = _ResizedConv3x3(weight, src, dst, block=4)
+    for _ in range(2):  # the second call reuses the plan's buffers
+        got = plan.accumulate_(x.permute(1, 2, 0).contiguous(), acc.clone())
+        torch.testing.assert_close(got - acc, want.permute(2, 1, 0), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (96, 64)])
+def test_densify_non_square_matches_per_frame_network(size, generator: torch.Generator) -> None:
+    torch.manual_seed(6)
+    tiny = randomize(CMPModel(layers=(1, 1, 1, 1)), generator, head_gain=20.0)
+    image = torch.rand(3, *size, generator=generator)
+    flow, mask = sparse_inputs(3, max(size), generator)
+    flow, mask = flow[..., : size[0], : size[1]], mask[..., : size[0], : size[1]]
+    dense = tiny.densify(image, flow, mask, chunk_size=2)
+    with torch.inference_mode():
+        ref = tiny(image[None].expand(3, -1, -1, -1), flow, mask)
+    scale = ref.abs().max().item()
+    assert scale > 5
+    assert (dense - ref).abs().max() <= 1e-5 * scale

@@ -108,7 +108,11 @@ def test_move_brush_two_passes_default_merge_by_mask() -> None:
     hints = _brush_hints([[3, 3], [6, 7]], [[15, 15], [14, 15]])
     fake = NearestFill()
     dense = densify_hints(_image(20, 20), hints, fake)
-    assert len(fake.calls) == 2  # out pass, in pass
+    assert len(fake.calls) == 1  # out pass and in pass share one call (one image encoding)
+    _, flow, mask = fake.calls[0]
+    assert flow.shape[0] == 2 and mask.shape[0] == 2  # [out frame, in frame]
+    assert mask[0, 0, 15, 15] > 0 and mask[0, 0, 3, 3] == 0  # out pass: the track starting outside the brush
+    assert mask[1, 0, 3, 3] > 0 and mask[1, 0, 15, 15] == 0  # in pass
     assert (dense[0, :, :, :10] == torch.tensor([3.0, 4.0])[:, None, None]).all()
     assert (dense[0, :, :, 10:] == torch.tensor([-1.0, 0.0])[:, None, None]).all()
 

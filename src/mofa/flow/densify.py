@@ -60,15 +60,29 @@ def image_to_grid(image: torch.Tensor, grid_size: tuple[int, int], reference_mod
 
 
 def _run(
-    fn: DensifyFn, image: torch.Tensor, part: tuple[torch.Tensor, torch.Tensor] | None, shape: tuple[int, ...]
-) -> torch.Tensor:
-    if part is None or not bool((part[1] > 0).any()):
-        return torch.zeros(shape, dtype=image.dtype, device=image.device)
-    flow, mask = (p.to(device=image.device, dtype=image.dtype) for p in part)
+    fn: DensifyFn,
+    image: torch.Tensor,
+    passes: list[tuple[torch.Tensor, torch.Tensor] | None],
+    shape: tuple[int, ...],
+) -> list[torch.Tensor]:
+    """Dense flow of each sparse pass (``(flow, mask)`` or None; ``shape`` each), all in one densifier call.
+
+    The densifier maps every frame independently, so the frames of several passes can share one batch: the image is
+    then encoded once (for CMP the image branch is the bulk of a call) instead of once per pass. Passes without any
+    hint are all zeros and are not sent.
+    """
+    active = [i for i, part in enumerate(passes) if part is not None and bool((part[1] > 0).any())]
+    results = [torch.zeros(shape, dtype=image.dtype, device=image.device) for _ in passes]
+    if not active or shape[0] == 0:
+        return results
+    flow, mask = (torch.cat([passes[i][k].to(device=image.device, dtype=image.dtype) for i in active]) for k in (0, 1))
     dense = fn(image, flow, mask)
-    if tuple(dense.shape) != shape:
-        raise ValueError(f"densifier returned shape {tuple(dense.shape)}, expected {shape}")
-    return dense
+    expected = (len(active) * shape[0], *shape[1:])
+    if tuple(dense.shape) != expected:
+        raise ValueError(f"densifier returned shape {tuple(dense.shape)}, expected {expected}")
+    for i, part in zip(active, dense.split(shape[0]), strict=True):
+        results[i] = part
+    return results
 
 
 def densify_sparse(
@@ -76,18 +90,19 @@ def densify_sparse(
 ) -> torch.Tensor:
     """Dense flow ``[T-1, 2, h, w]`` on the sparse grid from a :class:`SparseFlow` (passes + merge, no resize).
 
-    ``image_grid`` is ``[3, h, w]`` in [0, 1] already on ``sparse.grid_size``.
+    ``image_grid`` is ``[3, h, w]`` in [0, 1] already on ``sparse.grid_size``. With a move brush, the out- and in-pass
+    frames go to the densifier as one batch of ``2 (T-1)`` frames (one image encoding).
     """
     fn, _ = resolve_densifier(densifier)
     shape = (sparse.num_frames - 1, 2, *sparse.grid_size)
     if sparse.move_mask is None:
-        return _run(fn, image_grid, (sparse.flow, sparse.mask), shape)
-    move = sparse.move_mask.to(device=image_grid.device, dtype=image_grid.dtype)  # [1, h, w]
-    flow_out = _run(fn, image_grid, sparse.outside, shape)
+        return _run(fn, image_grid, [(sparse.flow, sparse.mask)], shape)[0]
     if sparse.inside is None:
         # No drag starts in the brush: the brush selects nothing (the reference's in-pass is all zeros too).
-        return flow_out
-    flow_in = _run(fn, image_grid, sparse.inside, shape) * move
+        return _run(fn, image_grid, [sparse.outside], shape)[0]
+    move = sparse.move_mask.to(device=image_grid.device, dtype=image_grid.dtype)  # [1, h, w]
+    flow_out, flow_in = _run(fn, image_grid, [sparse.outside, sparse.inside], shape)
+    flow_in = flow_in * move
     if reference_mode:
         take_in = (flow_in != 0).all(dim=-3, keepdim=True)
     else:

@@ -7,7 +7,9 @@ and are not what is measured). Modes, each in a FRESH subprocess (so peak RSS is
 - ``reference``: the original MOFA-Video way — every step re-encodes and re-warps the first-frame feature pyramid
   (``cache_reference=False``), both guidance halves as one batch of 2, NCHW convolutions (``channels_last=False``);
 - ``cached_nchw``: reference features encoded + warped once per generation, still NCHW (isolates the caching);
-- ``ours``: the defaults — cached features + channels-last convolutions on the CPU;
+- ``ours``: the defaults — cached features + channels-last convolutions on the CPU, run with
+  ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out every convolution weight into
+  fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step at small sizes);
 - ``low_memory``: ours + guidance halves one after the other (batch 1 each).
 
 Reported per mode: seconds per denoising step (the time between the step callbacks of steps 1 and 2, i.e. a warm
@@ -42,6 +44,8 @@ MODES = {
     "ours": {"cache_reference": True, "low_memory": False, "channels_last": None},
     "low_memory": {"cache_reference": True, "low_memory": True, "channels_last": None},
 }
+HUGE_PAGE_MODES = ("ours", "low_memory")
+"""Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment, as the ``mofa`` console script sets it."""
 
 
 def _rss_kib(field: str) -> int:
@@ -151,7 +155,11 @@ def _run_worker(args: argparse.Namespace, mode: str, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--out", str(out), "--dtype", args.dtype]
     cmd += ["--size", str(args.size), "--frames", str(args.frames), "--steps", str(args.steps)]
     began = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env["HF_HUB_OFFLINE"] = "1"
+    if mode in HUGE_PAGE_MODES:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"{mode} worker failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -195,3 +196,23 @@ def test_preview_with_cmp_checkpoint(workdir: Path, capsys: pytest.CaptureFixtur
     meta = json.loads((workdir / "out" / "clip.json").read_text())
     assert meta["params"]["s2d"].startswith("cmp:") and meta["params"]["num_frames"] == 3
     assert read_video(workdir / "out" / "clip.mp4").shape == (3, 128, 128, 3)
+
+
+def test_main_enables_huge_page_allocations_before_torch_loads() -> None:
+    """The console script sets THP_MEM_ALLOC_ENABLE (read by torch's CPU allocator at load) unless the user did."""
+    code = (
+        "import os, sys; from mofa.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.stdout.strip().splitlines()[-1] == "1 False", proc.stdout + proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "0 False", proc.stdout + proc.stderr

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from mofa.errors import MofaInputError
 from mofa.flow.densify import densify_hints
 from mofa.hints import DragHint, HintSet, MotionBrush
-from mofa.models.cmp import CMPModel, _ResizedConv3x3, bin_centers, decode_flow_bins
+from mofa.models.cmp import CMPModel, bin_centers, decode_flow_bins
+from mofa.models.resized_conv import ResizedConv3x3
 
 KEY_TABLE = Path(__file__).parent / "data" / "keys" / "cmp_resnet50_vip_mpii_liteflow.tsv"
 
@@ -293,7 +294,7 @@ def test_resized_conv_equals_conv_of_interpolated_input(src, dst, generator: tor
     up = F.interpolate(x[None], size=dst, mode="bilinear", align_corners=True)
     want = F.conv2d(up, weight, padding=1)[0]  # [5, A', B']
     acc = torch.randn(dst[1], dst[0], 5, generator=generator, dtype=torch.float64)
-    plan = _ResizedConv3x3(weight, src, dst, block=4)
+    plan = ResizedConv3x3(weight, src, dst, block=4)
     for _ in range(2):  # the second call reuses the plan's buffers
         got = plan.accumulate_(x.permute(1, 2, 0).contiguous(), acc.clone())
         torch.testing.assert_close(got - acc, want.permute(2, 1, 0), atol=1e-12, rtol=0)

@@ -270,3 +270,24 @@ def test_channels_last_convs_same_video(live_pipe64, image, flow):
     nhwc = run(live_pipe64, image, flow=flow, channels_last=True).frames
     assert float((nchw - nhwc).abs().max()) <= 1e-10
     assert all(not m._forward_pre_hooks for m in live_pipe64.unet.modules())
+
+
+def test_model_cpu_offload_hooks_same_video(parts, image, flow):
+    """enable_model_cpu_offload's accelerate hooks (here with the CPU as the 'accelerator', the only device in CI):
+    the adapter's reference encoding, which is not its forward, must still load the adapter; the video is unchanged."""
+    pipe = build_tiny_pipeline(parts, zero_adapter=False)
+    expected = run(pipe, image, flow=flow).frames
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert getattr(pipe.adapter, "_hf_hook", None) is not None
+    calls = []
+    hook = pipe.adapter._hf_hook
+    original = hook.pre_forward
+    hook.pre_forward = lambda module, *a, **k: (calls.append(1), original(module, *a, **k))[1]
+    forwards = []
+    handle = pipe.adapter.register_forward_pre_hook(lambda *_: forwards.append(1))
+    got = run(pipe, image, flow=flow).frames
+    handle.remove()
+    assert len(forwards) == STEPS
+    assert len(calls) == STEPS + 1  # every forward + once for the cached reference encoding of the one window
+    assert torch.equal(got, expected)
+    pipe.remove_all_hooks()

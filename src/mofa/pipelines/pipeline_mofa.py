@@ -11,6 +11,8 @@ Differences from the reference that change speed/memory but not results:
   ONCE per generation and reused for every step and both guidance halves (the reference recomputes them for every
   step on a doubled batch);
 - 2-D convolutions run on channels-last inputs on a CPU (``channels_last``; oneDNN's fast layout);
+- the transformer feed-forwards run one sample / one frame at a time (``chunk_feed_forward``): their inner tensor
+  is otherwise the largest activation of a denoising step;
 - ``low_memory=True`` runs the two classifier-free-guidance halves one after the other (batch 1 each) instead of as one
   batch of 2; combine with ``enable_model_cpu_offload()`` on an accelerator.
 """
@@ -34,7 +36,6 @@ from transformers import CLIPVisionModelWithProjection
 
 from mofa.errors import MofaInputError
 from mofa.pipelines import sampling
-from mofa.pipelines.layout import channels_last_convs, want_channels_last
 from mofa.pipelines.long_video import (
     Window,
     blend_weights,
@@ -43,6 +44,7 @@ from mofa.pipelines.long_video import (
     plan_windows,
     window_frame_indices,
 )
+from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward, want_channels_last
 
 __all__ = ["MofaVideoPipeline", "MofaVideoPipelineOutput"]
 
@@ -443,6 +445,7 @@ class MofaVideoPipeline(DiffusionPipeline):
         window_blend: str | None = None,
         cache_reference: bool = True,
         channels_last: bool | None = None,
+        chunk_feed_forward: bool = True,
         callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_dict: bool = True,
@@ -480,6 +483,9 @@ class MofaVideoPipeline(DiffusionPipeline):
             channels_last: run the UNet's, adapter's and VAE's 2-D convolutions on channels-last inputs (faster with
                 oneDNN on a CPU; equal output up to float32 summation order). ``None`` (default) = on for CPU runs
                 with a shorter side of at least 256 px, off elsewhere; ``False`` gives bit-for-bit the NCHW numerics.
+            chunk_feed_forward: run the UNet's and adapter's transformer feed-forwards one sample / one frame at a
+                time (default): their inner tensor is the largest activation of a step (4.2 GB at 512x512 × 25
+                frames under guidance). Same output up to float32 summation order; ``False`` = diffusers' default.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict`` after every step; a returned
                 ``"latents"`` replaces the latents.
 
@@ -508,7 +514,10 @@ class MofaVideoPipeline(DiffusionPipeline):
         cfg = sampling.do_cfg(max_guidance_scale)
 
         use_channels_last = want_channels_last(channels_last, device, height, width)
-        with channels_last_convs((self.unet, self.adapter, self.vae), enabled=use_channels_last):
+        with (
+            channels_last_convs((self.unet, self.adapter, self.vae), enabled=use_channels_last),
+            chunked_feed_forward((self.unet, self.adapter), enabled=chunk_feed_forward),
+        ):
             # 1. conditioning: CLIP embedding, dense flow, noise-augmented image latents, micro-conditioning
             embeds = self._encode_image(image01, device, cfg, reference_mode)
             dtype = embeds.dtype

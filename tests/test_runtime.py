@@ -1,4 +1,5 @@
-"""Channels-last convolution scope: layout seen by the convolutions, hooks removed, results unchanged."""
+"""Scoped runtime settings: channels-last convolutions and chunked feed-forward — applied inside the block only,
+restored after, results unchanged."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mofa.pipelines.layout import channels_last_convs, want_channels_last
+from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward, want_channels_last
 
 
 def _net() -> nn.Sequential:
@@ -64,3 +65,27 @@ def test_auto_rule():
     assert want_channels_last(None, meta, 512, 512) is False
     assert want_channels_last(True, cpu, 64, 64) is True
     assert want_channels_last(False, cpu, 512, 512) is False
+
+
+def test_chunked_feed_forward_runs_one_sample_or_frame_at_a_time():
+    from diffusers.models.attention import BasicTransformerBlock, TemporalBasicTransformerBlock
+
+    torch.manual_seed(0)
+    spatial = BasicTransformerBlock(16, 2, 8).double().eval()
+    temporal = TemporalBasicTransformerBlock(16, 16, 2, 8).double().eval()
+    spatial.set_chunk_feed_forward(4, dim=1)  # a user's own setting survives the scope
+    x = torch.randn(6, 4, 16, dtype=torch.float64)  # spatial: [B·T, tokens, C]; temporal: [B·tokens, T, C] (T = 3)
+    widths = []
+    hooks = [
+        b.ff.register_forward_pre_hook(lambda _m, a: widths.append(tuple(a[0].shape))) for b in (spatial, temporal)
+    ]
+    with torch.no_grad():
+        expected = spatial(x), temporal(x, num_frames=3)
+        widths.clear()
+        with chunked_feed_forward([spatial, None, temporal]):
+            got = spatial(x), temporal(x, num_frames=3)
+    for h in hooks:
+        h.remove()
+    assert widths == [(1, 4, 16)] * 6 + [(8, 1, 16)] * 3
+    assert all(float((g - e).abs().max()) <= 1e-12 for g, e in zip(got, expected, strict=True))
+    assert (spatial._chunk_size, spatial._chunk_dim) == (4, 1) and temporal._chunk_size is None

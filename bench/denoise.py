@@ -9,8 +9,7 @@ and are not what is measured). Modes, each in a FRESH subprocess (so peak RSS is
   whole-batch feed-forwards (``chunk_feed_forward=False``);
 - ``cached_nchw``: reference features encoded + warped once per generation, otherwise as ``reference`` (isolates
   the caching);
-- ``ours``: the defaults — cached features, feed-forwards one sample / frame at a time, channels-last convolutions
-  on the CPU, run with
+- ``ours``: the defaults — cached features, feed-forwards one sample / frame at a time, run with
   ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out every convolution weight into
   fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step at small sizes);
 - ``low_memory``: ours + guidance halves one after the other (batch 1 each).
@@ -22,8 +21,8 @@ peak minus the RSS before the call = the **working memory** the sampler needs on
 (~8.9 GiB) are identical in every mode by construction, so the memory targets are judged on working memory; the
 whole-process ratio is printed as well. Final latents of every mode are compared with the reference's.
 
-Default size 256x256 with 14 frames: the largest that steps in minutes on 2 CPU cores; working memory and the
-per-step conditioning both scale with H·W·frames, so their ratios carry over to 512x512 × 25 frames.
+Default size 256x256 with 14 frames: the largest that steps in a few minutes per mode on 2 CPU cores (real use is
+512x512 × 25 frames, which this machine cannot step in reasonable time).
 
 Usage:
     python bench/denoise.py                          # 256x256, 14 frames, 2 steps, fp32 (~20 min on 2 cores)

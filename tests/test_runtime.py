@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward, want_channels_last
+from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward
 
 
 def _net() -> nn.Sequential:
@@ -56,15 +56,6 @@ def test_hooks_removed_on_error():
     with pytest.raises(RuntimeError), channels_last_convs([net]):
         net(torch.randn(2, 5, 8, 8, dtype=torch.float64))  # wrong channel count
     assert all(not m._forward_pre_hooks for m in net.modules())
-
-
-def test_auto_rule():
-    cpu, meta = torch.device("cpu"), torch.device("meta")
-    assert want_channels_last(None, cpu, 512, 320) is True
-    assert want_channels_last(None, cpu, 64, 64) is False
-    assert want_channels_last(None, meta, 512, 512) is False
-    assert want_channels_last(True, cpu, 64, 64) is True
-    assert want_channels_last(False, cpu, 512, 512) is False
 
 
 def test_chunked_feed_forward_runs_one_sample_or_frame_at_a_time():

@@ -10,7 +10,6 @@ Differences from the reference that change speed/memory but not results:
 - the adapter's reference features (first-frame encoding + forward warping, one pyramid per window) are computed
   ONCE per generation and reused for every step and both guidance halves (the reference recomputes them for every
   step on a doubled batch);
-- 2-D convolutions run on channels-last inputs on a CPU (``channels_last``; oneDNN's fast layout);
 - the transformer feed-forwards run one sample / one frame at a time (``chunk_feed_forward``): their inner tensor
   is otherwise the largest activation of a denoising step;
 - ``low_memory=True`` runs the two classifier-free-guidance halves one after the other (batch 1 each) instead of as one
@@ -44,7 +43,7 @@ from mofa.pipelines.long_video import (
     plan_windows,
     window_frame_indices,
 )
-from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward, want_channels_last
+from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward
 
 __all__ = ["MofaVideoPipeline", "MofaVideoPipelineOutput"]
 
@@ -444,7 +443,7 @@ class MofaVideoPipeline(DiffusionPipeline):
         window_stride: int | None = None,
         window_blend: str | None = None,
         cache_reference: bool = True,
-        channels_last: bool | None = None,
+        channels_last: bool = False,
         chunk_feed_forward: bool = True,
         callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -480,9 +479,8 @@ class MofaVideoPipeline(DiffusionPipeline):
                 reference's plain average; forced by ``reference_mode``).
             cache_reference: compute the adapter's warped reference features once (default). ``False`` recomputes
                 them every step like the reference (same output, slower; for benchmarks/tests).
-            channels_last: run the UNet's, adapter's and VAE's 2-D convolutions on channels-last inputs (faster with
-                oneDNN on a CPU; equal output up to float32 summation order). ``None`` (default) = on for CPU runs
-                with a shorter side of at least 256 px, off elsewhere; ``False`` gives bit-for-bit the NCHW numerics.
+            channels_last: run the UNet's, adapter's and VAE's 2-D convolutions on channels-last inputs (opt-in: may
+                be faster with oneDNN or cuDNN; same output up to float32 summation order; see pipelines/runtime.py).
             chunk_feed_forward: run the UNet's and adapter's transformer feed-forwards one sample / one frame at a
                 time (default): their inner tensor is the largest activation of a step (4.2 GB at 512x512 × 25
                 frames under guidance). Same output up to float32 summation order; ``False`` = diffusers' default.
@@ -513,9 +511,8 @@ class MofaVideoPipeline(DiffusionPipeline):
         device = self._execution_device
         cfg = sampling.do_cfg(max_guidance_scale)
 
-        use_channels_last = want_channels_last(channels_last, device, height, width)
         with (
-            channels_last_convs((self.unet, self.adapter, self.vae), enabled=use_channels_last),
+            channels_last_convs((self.unet, self.adapter, self.vae), enabled=channels_last),
             chunked_feed_forward((self.unet, self.adapter), enabled=chunk_feed_forward),
         ):
             # 1. conditioning: CLIP embedding, dense flow, noise-augmented image latents, micro-conditioning

@@ -1,14 +1,15 @@
 """How a pipeline call runs, not what it computes: settings scoped to one call that leave the modules untouched.
 
-- :func:`channels_last_convs`: 2-D convolutions on channels-last inputs (speed, CPU);
+- :func:`channels_last_convs`: 2-D convolutions on channels-last inputs (opt-in; speed, see below);
 - :func:`chunked_feed_forward`: the transformer blocks' feed-forward layers one sample / one frame at a time
   (memory).
 
 Both give the unscoped outputs up to float32 summation order.
 
-**Channels-last.** On a CPU, oneDNN runs a 2-D convolution whose input is channels-last (NHWC) much faster than the
-same convolution on an NCHW input at the sizes SVD works at (full-size SVD-XT UNet, 256x256, 8 frames, CFG batch 2:
-~34 s → ~21 s per call on this project's machines). The outputs equal the NCHW ones up to float32 summation order.
+**Channels-last.** oneDNN (CPU) and cuDNN (tensor cores) often run a 2-D convolution on a channels-last (NHWC) input
+faster than on NCHW. Measured here it is not a clear win: an isolated full-size SVD-XT UNet call (256x256, 8 frames,
+CFG batch 2) took ~21-25 s instead of ~34-47 s on a busy machine, but whole denoising steps of ``bench/denoise.py``
+(256x256, 14 frames) ran at the same CPU time with and without it. So it is opt-in (``channels_last=True``).
 
 Converting the weights with ``module.to(memory_format=torch.channels_last)`` would do the same but leaves
 non-contiguous parameters behind, which ``safetensors`` refuses to save; so instead a forward pre-hook hands every
@@ -29,19 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["CHANNELS_LAST_MIN_SIDE", "channels_last_convs", "chunked_feed_forward", "want_channels_last"]
-
-CHANNELS_LAST_MIN_SIDE = 256
-"""Shortest output side (pixels) from which ``channels_last=None`` (auto) turns channels-last on for a CPU run. Below
-it the latents are at most 32 px and the per-convolution layout reorders cost about what they save."""
-
-
-def want_channels_last(requested: bool | None, device: torch.device, height: int, width: int) -> bool:
-    """Resolve a pipeline's ``channels_last`` argument: an explicit bool wins; ``None`` means on for CPU runs whose
-    shorter output side is at least :data:`CHANNELS_LAST_MIN_SIDE` pixels, off elsewhere."""
-    if requested is not None:
-        return bool(requested)
-    return device.type == "cpu" and min(height, width) >= CHANNELS_LAST_MIN_SIDE
+__all__ = ["channels_last_convs", "chunked_feed_forward"]
 
 
 def _to_channels_last(_module: nn.Module, args: tuple) -> tuple | None:

@@ -79,6 +79,9 @@ def test_loaded_zero_adapter_pipeline_equals_stock_svd_from_same_folder(tmp_path
         root / "ckpts" / "mofa" / "stable-video-diffusion-img2vid-xt-1-1"
     )
     stock.set_progress_bar_config(disable=True)
+    # ours runs the feed-forwards one sample / frame at a time by default; same arithmetic in stock SVD (unchunked
+    # differs only by float32 rounding, which the random tiny UNet amplifies to ~1e-3)
+    stock.unet.enable_forward_chunking(chunk_size=1, dim=0)
     ours = generate(pipe, image, flow=torch.randn(5, 2, 64, 64)).frames
     ref = stock(
         image,

@@ -13,12 +13,12 @@ from PIL import Image
 
 from mofa.errors import MofaInputError
 from mofa.flow.ops import backward_warp
+from mofa.flow.reverse import reverse_flow
 from mofa.hints import DragHint, HintSet, MotionBrush
 from mofa.pipelines.preview import (
     prepare_inputs,
     preview,
     preview_output_paths,
-    reverse_flow,
     warp_frames,
     write_preview_outputs,
 )

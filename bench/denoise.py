@@ -9,9 +9,10 @@ and are not what is measured). Modes, each in a FRESH subprocess (so peak RSS is
   whole-batch feed-forwards (``chunk_feed_forward=False``);
 - ``cached_nchw``: reference features encoded + warped once per generation, otherwise as ``reference`` (isolates
   the caching);
-- ``ours``: the defaults — cached features, feed-forwards one sample / frame at a time, run with
-  ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out every convolution weight into
-  fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step at small sizes);
+- ``ours``: the pipeline defaults — cached features, feed-forwards one sample / frame at a time; with
+  ``--huge-pages`` run with ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out
+  every convolution weight into fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step
+  at small sizes; at 256² it does not speed a step up and costs working memory);
 - ``low_memory``: ours + guidance halves one after the other (batch 1 each).
 
 Reported per mode: seconds per denoising step (the time between the step callbacks of steps 1 and 2, i.e. a warm
@@ -49,7 +50,8 @@ MODES = {
     "low_memory": {"cache_reference": True, "low_memory": True},
 }
 HUGE_PAGE_MODES = ("ours", "low_memory")
-"""Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment, as the ``mofa`` console script sets it."""
+"""Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment with ``--huge-pages`` (as the ``mofa`` console script
+sets it)."""
 
 
 def _rss_kib(field: str) -> int:
@@ -168,7 +170,7 @@ def _run_worker(args: argparse.Namespace, mode: str, out: Path) -> dict:
     began = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     env["HF_HUB_OFFLINE"] = "1"
-    if mode in HUGE_PAGE_MODES:
+    if args.huge_pages and mode in HUGE_PAGE_MODES:
         env["THP_MEM_ALLOC_ENABLE"] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -185,6 +187,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=14)
     parser.add_argument("--steps", type=int, default=2, help="at least 2 (step 1 is the cold one)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--huge-pages", action="store_true", help="run our modes with THP_MEM_ALLOC_ENABLE=1")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
     parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -227,6 +230,7 @@ def main() -> None:
     fields += [
         f"ref_sec_per_step={ref['sec_per_step']:.2f}", f"ref_work_mem_gib={ref['peak_extra_gib']:.3f}",
         f"size={args.size}", f"frames={args.frames}", f"steps={args.steps}", f"dtype={args.dtype}",
+        f"huge_pages={int(args.huge_pages)}",
     ]  # fmt: skip
     print("RESULT " + " ".join(fields))
 

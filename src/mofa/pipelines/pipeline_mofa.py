@@ -482,7 +482,7 @@ class MofaVideoPipeline(DiffusionPipeline):
             channels_last: run the UNet's, adapter's and VAE's 2-D convolutions on channels-last inputs (opt-in: may
                 be faster with oneDNN or cuDNN; same output up to float32 summation order; see pipelines/runtime.py).
             chunk_feed_forward: run the UNet's and adapter's transformer feed-forwards one sample / one frame at a
-                time (default): their inner tensor is the largest activation of a step (4.2 GB at 512x512 × 25
+                time (default): their inner tensor is the largest activation of a step (2.1 GB at 512x512 × 25
                 frames under guidance). Same output up to float32 summation order; ``False`` = diffusers' default.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict`` after every step; a returned
                 ``"latents"`` replaces the latents.

@@ -15,11 +15,12 @@ Converting the weights with ``module.to(memory_format=torch.channels_last)`` wou
 non-contiguous parameters behind, which ``safetensors`` refuses to save; so instead a forward pre-hook hands every
 ``nn.Conv2d`` a channels-last input for the duration of a ``with`` block and nothing about the modules changes.
 
-**Chunked feed-forward.** The largest activation of an SVD UNet or MOFA-Adapter step is the GEGLU feed-forward's inner
-tensor, ``tokens x 2·4·C``: at 256x256 × 14 frames under guidance (28 samples of 32x32 tokens, C = 320) it is 0.6 GB,
-at 512x512 × 25 frames 4.2 GB, far above everything else the step holds. A feed-forward acts on every token on its
-own, so running it one sample (spatial blocks) or one frame (temporal blocks) at a time gives the same tokens out
-with ``1/(B·T)`` or ``1/T`` of that peak (diffusers' ``set_chunk_feed_forward`` hooks, set and restored here).
+**Chunked feed-forward.** The largest single activation of an SVD UNet or MOFA-Adapter step is the GEGLU
+feed-forward's inner tensor, ``tokens x 2·4·C``: at 256x256 × 14 frames under guidance (28 samples of 32x32 tokens,
+C = 320) it is 0.3 GB, at 512x512 × 25 frames 2.1 GB, several times any other single tensor of the step. A
+feed-forward acts on every token on its own, so running it one sample (spatial blocks) or one frame (temporal blocks)
+at a time gives the same tokens out with ``1/(B·T)`` or ``1/T`` of that peak (diffusers' ``set_chunk_feed_forward``
+hooks, set and restored here).
 """
 
 from __future__ import annotations

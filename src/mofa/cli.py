@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     # Before torch loads: PyTorch's CPU allocator then backs large tensors with transparent huge pages. oneDNN
     # re-lays out every convolution weight into fresh buffers on each call, and first-touching them 4 KiB page by
     # page is what dominates a CPU denoising step at small sizes (~20 s → ~3 s per full-size SVD-XT UNet call at
-    # 64x64 on this project's 2-core VMs; no speed change at 256x256, where it costs some RSS — see
+    # 64x64 on this project's 2-core VMs; no speed change measured at 256x256, memory effect not isolated — see
     # docs/benchmarks.md). A user's own setting wins.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:

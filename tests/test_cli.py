@@ -78,28 +78,20 @@ def _assert_clean_failure(code: int, err: str, workdir: Path, fragment: str) -> 
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
-def test_bad_json(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (workdir / "bad.json").write_text('{"tracks": [[[1, 2], [3, 4]],,]}')
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('{"tracks": [[[1, 2], [3, 4]],,]}', "invalid JSON at line 1"),
+        ('{"tracks": [[[10, 10], [300, 10]]]}', "outside the 128x128 image"),
+        ('{"tracks": [[[10, 10], [NaN, 10]]]}', "not finite"),
+        ('{"tracks": []}', '"tracks" is empty'),
+    ],
+    ids=["malformed_json", "point_outside_image", "nan_point", "empty_track_list"],
+)
+def test_bad_hints_file(workdir: Path, capsys: pytest.CaptureFixture[str], text: str, fragment: str) -> None:
+    (workdir / "bad.json").write_text(text)
     code, _, err = _run(_args(workdir, tracks="bad.json"), capsys)
-    _assert_clean_failure(code, err, workdir, "invalid JSON at line 1")
-
-
-def test_point_outside_image(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (workdir / "far.json").write_text('{"tracks": [[[10, 10], [300, 10]]]}')
-    code, _, err = _run(_args(workdir, tracks="far.json"), capsys)
-    _assert_clean_failure(code, err, workdir, "outside the 128x128 image")
-
-
-def test_nan_point(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (workdir / "nan.json").write_text('{"tracks": [[[10, 10], [NaN, 10]]]}')
-    code, _, err = _run(_args(workdir, tracks="nan.json"), capsys)
-    _assert_clean_failure(code, err, workdir, "not finite")
-
-
-def test_empty_track_list(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (workdir / "empty.json").write_text('{"tracks": []}')
-    code, _, err = _run(_args(workdir, tracks="empty.json"), capsys)
-    _assert_clean_failure(code, err, workdir, '"tracks" is empty')
+    _assert_clean_failure(code, err, workdir, fragment)
 
 
 def test_mask_of_wrong_size(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,16 +38,31 @@ PREVIEW_EPILOG = (
 )
 
 
-def _load_densifier(s2d: str, cmp: Path | None) -> tuple[object | None, str]:
-    """(densifier or None for the classic default, label for the metadata); validates the flags."""
-    if cmp is not None and s2d == "classic":
-        s2d = "cmp"
+# Options shared by `preview` and `animate`, declared once.
+TracksOption = Annotated[Path, typer.Option("--tracks", "-t", help="Hints JSON: drag tracks (docs/formats.md).")]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output video OUT.mp4 (siblings are written beside).")]
+FpsOption = Annotated[float, typer.Option("--fps", min=0.1, max=120.0, help="Frames per second of the outputs.")]
+SizeOption = Annotated[int, typer.Option("--size", min=64, max=2048, help="Short side of the prepared image.")]
+S2dOption = Annotated[str, typer.Option("--s2d", help="Sparse-to-dense: classic (no weights) or cmp.")]
+
+
+def _resolve_s2d(s2d: str, cmp: object | None) -> str:
+    """The sparse-to-dense choice of --s2d / --cmp ("classic" or "cmp"; a given --cmp means cmp); validates both."""
     if s2d not in ("classic", "cmp"):
         raise MofaInputError(f"--s2d {s2d!r} is not one of classic, cmp")
-    if s2d == "classic":
+    if cmp is not None:
+        return "cmp"
+    if s2d == "cmp":
+        raise MofaInputError(
+            "--s2d cmp needs the checkpoint: add --cmp PATH (ckpt_iter_42000.pth.tar, a folder or a released tree)"
+        )
+    return "classic"
+
+
+def _load_densifier(s2d: str, cmp: Path | None) -> tuple[object | None, str]:
+    """(densifier or None for the classic default, label for the metadata); validates the flags."""
+    if _resolve_s2d(s2d, cmp) == "classic":
         return None, "classic"
-    if cmp is None:
-        raise MofaInputError("--s2d cmp needs the checkpoint: add --cmp PATH (ckpt_iter_42000.pth.tar or a folder)")
     from mofa.io.weights import load_cmp_checkpoint, resolve_cmp_checkpoint
 
     return load_cmp_checkpoint(resolve_cmp_checkpoint(cmp)), f"cmp:{cmp}"
@@ -124,8 +139,8 @@ def _print_outputs(paths: dict[str, Path]) -> None:
 @app.command("preview", epilog=PREVIEW_EPILOG)
 def preview_command(
     image: Annotated[Path, typer.Argument(help="Input image (PNG/JPEG/WebP); prepared to --size short side.")],
-    tracks: Annotated[Path, typer.Option("--tracks", "-t", help="Hints JSON: drag tracks (docs/formats.md).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output video OUT.mp4 (siblings are written beside).")],
+    tracks: TracksOption,
+    out: OutOption,
     brush: Annotated[
         list[Path] | None, typer.Option("--brush", help="Motion-brush mask PNG/NPY (repeatable).")
     ] = None,
@@ -136,9 +151,9 @@ def preview_command(
         int | None,
         typer.Option("--frames", min=2, max=200, help="Frames incl. frame 0 (default: the JSON's num_frames, 25)."),
     ] = None,
-    fps: Annotated[float, typer.Option("--fps", min=0.1, max=120.0, help="Frames per second of the outputs.")] = 20.0,
-    size: Annotated[int, typer.Option("--size", min=64, max=2048, help="Short side of the prepared image.")] = 512,
-    s2d: Annotated[str, typer.Option("--s2d", help="Sparse-to-dense: classic (no weights) or cmp.")] = "classic",
+    fps: FpsOption = 20.0,
+    size: SizeOption = 512,
+    s2d: S2dOption = "classic",
     cmp: Annotated[Path | None, typer.Option("--cmp", help="CMP checkpoint for --s2d cmp.")] = None,
     reference_mode: Annotated[
         bool, typer.Option("--reference-mode", help="Reference (MOFA-Video) numerics for resizing and hints.")
@@ -196,8 +211,8 @@ ANIMATE_EPILOG = (
 @app.command("animate", epilog=ANIMATE_EPILOG)
 def animate_command(
     image: Annotated[Path, typer.Argument(help="Input image; prepared to --size short side, crop to x64.")],
-    tracks: Annotated[Path, typer.Option("--tracks", "-t", help="Hints JSON: drag tracks (docs/formats.md).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output video OUT.mp4 (siblings are written beside).")],
+    tracks: TracksOption,
+    out: OutOption,
     svd: Annotated[
         str, typer.Option("--svd", help="SVD-XT 1.1: hub id, folder, or released tree.")
     ] = "stabilityai/stable-video-diffusion-img2vid-xt-1-1",
@@ -207,7 +222,7 @@ def animate_command(
     cmp: Annotated[
         str | None, typer.Option("--cmp", help="CMP checkpoint / tree / hub id (sparse-to-dense network).")
     ] = None,
-    s2d: Annotated[str, typer.Option("--s2d", help="Sparse-to-dense: classic (no weights) or cmp.")] = "classic",
+    s2d: S2dOption = "classic",
     brush: Annotated[list[Path] | None, typer.Option("--brush", help="Motion-brush mask PNG/NPY.")] = None,
     static: Annotated[list[Path] | None, typer.Option("--static", help="Static-brush mask PNG/NPY.")] = None,
     frames: Annotated[
@@ -226,8 +241,8 @@ def animate_command(
     reference_mode: Annotated[
         bool, typer.Option("--reference-mode", help="Reproduce the original MOFA-Video numerics.")
     ] = False,
-    fps: Annotated[float, typer.Option("--fps", min=0.1, max=120.0, help="Frames per second of the outputs.")] = 20.0,
-    size: Annotated[int, typer.Option("--size", min=64, max=2048, help="Short side of the prepared image.")] = 512,
+    fps: FpsOption = 20.0,
+    size: SizeOption = 512,
 ) -> None:
     """Animate an image with Stable Video Diffusion + the MOFA-Adapter, following drag hints."""
     import time
@@ -241,10 +256,7 @@ def animate_command(
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise MofaInputError(f"--dtype {dtype!r} is not one of {', '.join(dtypes)}")
-    if s2d not in ("classic", "cmp"):
-        raise MofaInputError(f"--s2d {s2d!r} is not one of classic, cmp")
-    if s2d == "cmp" and cmp is None:
-        raise MofaInputError("--s2d cmp needs the checkpoint: add --cmp PATH (ckpt_iter_42000.pth.tar or a tree)")
+    _resolve_s2d(s2d, cmp)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     paths = preview_output_paths(out)  # validates --out before any heavy work

@@ -87,17 +87,27 @@ def coords_grid(
     return torch.stack([gx, gy], dim=0)
 
 
+def sample_at(src: torch.Tensor, x: torch.Tensor, y: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """Sample ``src`` ``[B, C, H, W]`` bilinearly at pixel coordinates ``x, y`` ``[B, h, w]`` of its own grid.
+
+    Integer coordinates are pixel centres; outside the grid per ``padding_mode`` (grid_sample's). Returns
+    ``[B, C, h, w]``.
+    """
+    height, width = src.shape[-2:]
+    gx = 2.0 * x / max(width - 1, 1) - 1.0
+    gy = 2.0 * y / max(height - 1, 1) - 1.0
+    norm = torch.stack([gx, gy], dim=-1).to(src.dtype)
+    return F.grid_sample(src, norm, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+
+
 def backward_warp(src: torch.Tensor, flow: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
     """Sample ``src`` ``[B, C, H, W]`` at ``p + flow(p)`` for every output pixel ``p`` (bilinear).
 
     ``flow`` is ``[B, 2, H, W]`` in pixels of the same grid. Integer coordinates are pixel centres.
     """
-    batch, _, height, width = src.shape
+    height, width = src.shape[-2:]
     grid = coords_grid(height, width, device=src.device, dtype=flow.dtype).unsqueeze(0) + flow
-    gx = 2.0 * grid[:, 0] / max(width - 1, 1) - 1.0
-    gy = 2.0 * grid[:, 1] / max(height - 1, 1) - 1.0
-    norm = torch.stack([gx, gy], dim=-1).to(src.dtype)
-    return F.grid_sample(src, norm, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    return sample_at(src, grid[:, 0], grid[:, 1], padding_mode=padding_mode)
 
 
 def subsample_flow(flow: torch.Tensor, stride: int) -> torch.Tensor:

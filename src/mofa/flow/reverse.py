@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mofa.flow.ops import coords_grid, invert_flow, resize_flow
+from mofa.flow.ops import coords_grid, invert_flow, resize_flow, sample_at
 from mofa.flow.softsplat import softsplat
 
 __all__ = ["FOREGROUND_SHARPNESS", "REFINE_ITERATIONS", "reverse_flow", "splat_importance"]
@@ -51,14 +51,6 @@ def splat_importance(flow: torch.Tensor, sharpness: float, unit: float = 1.0) ->
     return torch.exp(torch.clamp(sharpness * (mag - peak), min=-_MAX_EXPONENT))
 
 
-def _sample(field: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``field [N, C, h, w]`` sampled bilinearly at pixel coordinates ``x, y [N, h, w]`` of its own grid, border
-    extended."""
-    height, width = field.shape[-2:]
-    grid = torch.stack([2.0 * x / max(width - 1, 1) - 1.0, 2.0 * y / max(height - 1, 1) - 1.0], dim=-1)
-    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
-
-
 def _fill_disocclusions(flow: torch.Tensor, backward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Show the background behind a moved object's edge in the strip it uncovers, not the edge smeared across it.
 
@@ -84,7 +76,7 @@ def _fill_disocclusions(flow: torch.Tensor, backward: torch.Tensor) -> tuple[tor
     x0 = qx.clamp(0, width - 1).floor().clamp(max=max(width - 2, 0))
     y0 = qy.clamp(0, height - 1).floor().clamp(max=max(height - 2, 0))
     x1, y1 = (x0 + 1).clamp(max=width - 1), (y0 + 1).clamp(max=height - 1)
-    left, right, top, bottom = (_sample(flow, x, y) for x, y in ((x0, qy), (x1, qy), (qx, y0), (qx, y1)))
+    left, right, top, bottom = (sample_at(flow, x, y) for x, y in ((x0, qy), (x1, qy), (qx, y0), (qx, y1)))
     lo, hi = _STEP
     weights = []
     for axis in (0, 1):  # per axis: how much each cell [i, i+1] expands beyond the wider stretch around it
@@ -101,8 +93,8 @@ def _fill_disocclusions(flow: torch.Tensor, backward: torch.Tensor) -> tuple[tor
         excess = F.max_pool2d(excess, run, stride=1, padding=pad_run)
         excess = excess.transpose(-1, -2) if axis else excess
         weights.append(((excess - lo) / (hi - lo)).clamp(0.0, 1.0))
-    weight_x = _sample(weights[0], x0, qy)  # the cell's column, interpolated along y only
-    weight_y = _sample(weights[1], qx, y0)
+    weight_x = sample_at(weights[0], x0, qy)  # the cell's column, interpolated along y only
+    weight_y = sample_at(weights[1], qx, y0)
     out, share = [], []
     axes = ((qx, x0, left, right, weight_x), (qy, y0, top, bottom, weight_y))
     for axis, (q, start, low_side, high_side, weight) in enumerate(axes):

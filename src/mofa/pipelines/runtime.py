@@ -34,6 +34,13 @@ from torch import nn
 __all__ = ["channels_last_convs", "chunked_feed_forward"]
 
 
+def _submodules(modules: Iterable[nn.Module | None]) -> Iterator[nn.Module]:
+    """Every submodule of the given modules; ``None`` entries (absent optional components) are skipped."""
+    for module in modules:
+        if module is not None:
+            yield from module.modules()
+
+
 def _to_channels_last(_module: nn.Module, args: tuple) -> tuple | None:
     if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
         return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
@@ -50,25 +57,13 @@ def channels_last_convs(modules: Iterable[nn.Module | None], enabled: bool = Tru
     handles = []
     try:
         if enabled:
-            for module in modules:
-                if module is None:
-                    continue
-                for sub in module.modules():
-                    if isinstance(sub, nn.Conv2d):
-                        handles.append(sub.register_forward_pre_hook(_to_channels_last))
+            for sub in _submodules(modules):
+                if isinstance(sub, nn.Conv2d):
+                    handles.append(sub.register_forward_pre_hook(_to_channels_last))
         yield
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _feed_forward_blocks(modules: Iterable[nn.Module | None]) -> Iterator[nn.Module]:
-    for module in modules:
-        if module is None:
-            continue
-        for sub in module.modules():
-            if hasattr(sub, "set_chunk_feed_forward") and hasattr(sub, "_chunk_size"):
-                yield sub
 
 
 @contextmanager
@@ -79,7 +74,9 @@ def chunked_feed_forward(modules: Iterable[nn.Module | None], enabled: bool = Tr
     saved: list[tuple[nn.Module, object, object]] = []
     try:
         if enabled:
-            for block in _feed_forward_blocks(modules):
+            for block in _submodules(modules):
+                if not (hasattr(block, "set_chunk_feed_forward") and hasattr(block, "_chunk_size")):
+                    continue
                 saved.append((block, block._chunk_size, getattr(block, "_chunk_dim", 0)))
                 block.set_chunk_feed_forward(1, dim=0)  # temporal blocks pin their own dim (frames, 1)
         yield

@@ -6,13 +6,16 @@ and are not what is measured). Modes, each in a FRESH subprocess (so peak RSS is
 
 - ``reference``: the original MOFA-Video way — every step re-encodes and re-warps the first-frame feature pyramid
   (``cache_reference=False``), both guidance halves as one batch of 2, NCHW convolutions (``channels_last=False``),
-  whole-batch feed-forwards (``chunk_feed_forward=False``);
+  whole-batch feed-forwards (``chunk_feed_forward=False``), full attention to the one CLIP token
+  (``shortcut_cross_attention=False``);
 - ``cached_nchw``: reference features encoded + warped once per generation, otherwise as ``reference`` (isolates
   the caching);
-- ``ours``: the pipeline defaults — cached features, feed-forwards one sample / frame at a time; with
+- ``ours``: the pipeline defaults — cached features, feed-forwards one sample / frame at a time, cross-attention to
+  the one CLIP token computed as its projected value; with
   ``--huge-pages`` run with ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out
   every convolution weight into fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step
   at small sizes; at 256² it does not speed a step up and costs working memory);
+- ``channels_last``: ours + channels-last convolutions (``channels_last=True``);
 - ``low_memory``: ours + guidance halves one after the other (batch 1 each).
 
 Reported per mode: seconds per denoising step (the time between the step callbacks of steps 1 and 2, i.e. a warm
@@ -42,14 +45,15 @@ import tempfile
 import time
 from pathlib import Path
 
-_PLAIN = {"channels_last": False, "chunk_feed_forward": False}
+_PLAIN = {"channels_last": False, "chunk_feed_forward": False, "shortcut_cross_attention": False}
 MODES = {
     "reference": {"cache_reference": False, "low_memory": False, **_PLAIN},
     "cached_nchw": {"cache_reference": True, "low_memory": False, **_PLAIN},
     "ours": {"cache_reference": True, "low_memory": False},
+    "channels_last": {"cache_reference": True, "low_memory": False, "channels_last": True},
     "low_memory": {"cache_reference": True, "low_memory": True},
 }
-HUGE_PAGE_MODES = ("ours", "low_memory")
+HUGE_PAGE_MODES = ("ours", "channels_last", "low_memory")
 """Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment with ``--huge-pages`` (as the ``mofa`` console script
 sets it)."""
 

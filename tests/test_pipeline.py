@@ -21,6 +21,7 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 
 from mofa.errors import MofaInputError
 from mofa.pipelines.pipeline_mofa import MofaVideoPipeline, MofaVideoPipelineOutput
+from mofa.pipelines.runtime import single_key_cross_attention
 from tiny_models import build_tiny_pipeline, build_tiny_svd
 
 STEPS = 3
@@ -67,10 +68,10 @@ def run(pipe, image, seed=0, **kwargs):
     return pipe(image, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
-def stock_svd(parts, image, seed=0, feature_extractor=None, chunked=True, **kwargs):
+def stock_svd(parts, image, seed=0, feature_extractor=None, chunked=True, shortcut=True, **kwargs):
     """diffusers' SVD pipeline; ``chunked`` = with diffusers' own feed-forward chunking (one sample / frame at a time),
-    which our pipeline uses by default (same arithmetic; unchunked differs by float32 rounding that the random tiny
-    UNet amplifies to ~1e-3)."""
+    ``shortcut`` = with our single-key cross-attention processors, as our pipeline runs by default (same arithmetic;
+    otherwise the outputs differ by float32 rounding that the random tiny UNet amplifies to ~1e-4..1e-3)."""
     components = dict(parts)
     if feature_extractor is not None:
         components["feature_extractor"] = feature_extractor
@@ -79,7 +80,8 @@ def stock_svd(parts, image, seed=0, feature_extractor=None, chunked=True, **kwar
     if chunked:
         svd.unet.enable_forward_chunking(chunk_size=1, dim=0)
     try:
-        return _call_stock(svd, image, seed, **kwargs)
+        with single_key_cross_attention([svd.unet], enabled=shortcut):
+            return _call_stock(svd, image, seed, **kwargs)
     finally:  # this UNet class has no disable_forward_chunking
         for block in svd.unet.modules():
             if hasattr(block, "set_chunk_feed_forward"):
@@ -119,9 +121,9 @@ def test_zero_adapter_equals_stock_svd(parts, zero_pipe, image, flow):
     ours = run(zero_pipe, image, flow=flow, fps=12, motion_bucket_id=30, noise_aug_strength=0.1).frames
     stock = stock_svd(parts, image, fps=12, motion_bucket_id=30, noise_aug_strength=0.1)
     assert float((ours - stock).abs().max()) <= 1e-5
-    # without feed-forward chunking on both sides
-    ours = run(zero_pipe, image, flow=flow, chunk_feed_forward=False).frames
-    stock = stock_svd(parts, image, motion_bucket_id=128, chunked=False)
+    # without feed-forward chunking and the cross-attention shortcut on both sides: diffusers' arithmetic throughout
+    ours = run(zero_pipe, image, flow=flow, chunk_feed_forward=False, shortcut_cross_attention=False).frames
+    stock = stock_svd(parts, image, motion_bucket_id=128, chunked=False, shortcut=False)
     assert float((ours - stock).abs().max()) <= 1e-5
 
 
@@ -283,14 +285,16 @@ def test_save_pretrained_roundtrip(tmp_path, live_pipe64, image, flow):
 
 
 def test_runtime_settings_same_video(live_pipe64, image, flow):
-    """Channels-last convolutions (UNet, adapter, VAE) and chunked feed-forwards change how, not what."""
-    plain = run(live_pipe64, image, flow=flow, channels_last=False, chunk_feed_forward=False).frames
-    nhwc = run(live_pipe64, image, flow=flow, channels_last=True, chunk_feed_forward=False).frames
-    chunked = run(live_pipe64, image, flow=flow, channels_last=False, chunk_feed_forward=True).frames
-    assert float((plain - nhwc).abs().max()) <= 1e-10
-    assert float((plain - chunked).abs().max()) <= 1e-10
+    """Channels-last convolutions (UNet, adapter, VAE), chunked feed-forwards and the single-key cross-attention
+    shortcut change how, not what."""
+    off = {"channels_last": False, "chunk_feed_forward": False, "shortcut_cross_attention": False}
+    plain = run(live_pipe64, image, flow=flow, **off).frames
+    for setting in ("channels_last", "chunk_feed_forward", "shortcut_cross_attention"):
+        got = run(live_pipe64, image, flow=flow, **{**off, setting: True}).frames
+        assert float((plain - got).abs().max()) <= 1e-10, setting
     assert all(not m._forward_pre_hooks for m in live_pipe64.unet.modules())
     assert all(getattr(m, "_chunk_size", None) is None for m in live_pipe64.adapter.modules())
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in live_pipe64.unet.attn_processors.values())
 
 
 def test_model_cpu_offload_hooks_same_video(parts, image, flow):

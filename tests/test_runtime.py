@@ -1,5 +1,5 @@
-"""Scoped runtime settings: channels-last convolutions and chunked feed-forward — applied inside the block only,
-restored after, results unchanged."""
+"""Scoped runtime settings: channels-last convolutions, chunked feed-forward, single-key cross-attention — applied
+inside the block only, restored after, results unchanged."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward
+from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward, single_key_cross_attention
 
 
 def _net() -> nn.Sequential:
@@ -80,3 +80,68 @@ def test_chunked_feed_forward_runs_one_sample_or_frame_at_a_time():
     assert widths == [(1, 4, 16)] * 6 + [(8, 1, 16)] * 3
     assert all(float((g - e).abs().max()) <= 1e-12 for g, e in zip(got, expected, strict=True))
     assert (spatial._chunk_size, spatial._chunk_dim) == (4, 1) and temporal._chunk_size is None
+
+
+def _blocks():
+    from diffusers.models.attention import BasicTransformerBlock, TemporalBasicTransformerBlock
+
+    torch.manual_seed(0)
+    spatial = BasicTransformerBlock(16, 2, 8, cross_attention_dim=12).double().eval()
+    temporal = TemporalBasicTransformerBlock(16, 16, 2, 8, cross_attention_dim=12).double().eval()
+    return spatial, temporal
+
+
+def _count_calls(modules: list[nn.Module]) -> tuple[list[int], list]:
+    counts = [0] * len(modules)
+
+    def hook(i):
+        def fn(*_):
+            counts[i] += 1
+
+        return fn
+
+    return counts, [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+
+
+def test_single_key_cross_attention_equals_full_attention_without_queries():
+    """SVD's context is one CLIP token: the softmax over it is 1, so each query's output is the token's value. The
+    shortcut must match the full attention (float64) and never project a query or run the attention kernel."""
+    spatial, temporal = _blocks()
+    x = torch.randn(6, 4, 16, dtype=torch.float64)  # spatial [B·T, tokens, C] with T = 3, 4 tokens
+    ctx_spatial = torch.randn(6, 1, 12, dtype=torch.float64)  # one context token per sample
+    ctx_temporal = torch.randn(8, 1, 12, dtype=torch.float64)  # temporal blocks: one per [B·tokens] row
+    queries, handles = _count_calls([spatial.attn2.to_q, temporal.attn2.to_q, spatial.attn1.to_q])
+    with torch.no_grad():
+        expected = spatial(x, encoder_hidden_states=ctx_spatial), temporal(x, 3, encoder_hidden_states=ctx_temporal)
+        assert queries == [1, 1, 1]
+        with single_key_cross_attention([spatial, None, temporal]):
+            got = spatial(x, encoder_hidden_states=ctx_spatial), temporal(x, 3, encoder_hidden_states=ctx_temporal)
+    for h in handles:
+        h.remove()
+    assert queries == [1, 1, 2]  # cross-attention queries skipped, self-attention untouched
+    assert all(float((g - e).abs().max()) <= 1e-12 for g, e in zip(got, expected, strict=True))
+    assert type(spatial.attn2.processor).__name__ == "AttnProcessor2_0"  # restored
+
+
+def test_single_key_cross_attention_leaves_other_calls_alone():
+    """A context of several tokens or an attention mask goes to the wrapped processor (same numbers, queries run);
+    the processors are restored also when the block raises."""
+    spatial, _ = _blocks()
+    attn = spatial.attn2
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    ctx = torch.randn(2, 3, 12, dtype=torch.float64)
+    mask = torch.zeros(2, 5, 1, dtype=torch.float64)  # additive, [B, queries, keys]
+    ctx1 = ctx[:, :1]
+    queries, handles = _count_calls([attn.to_q])
+    with torch.no_grad():
+        expected = attn(x, encoder_hidden_states=ctx), attn(x, encoder_hidden_states=ctx1, attention_mask=mask)
+        with single_key_cross_attention([spatial]):
+            got = attn(x, encoder_hidden_states=ctx), attn(x, encoder_hidden_states=ctx1, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    assert queries == [4]
+    assert all(float((g - e).abs().max()) <= 1e-12 for g, e in zip(got, expected, strict=True))
+    original = attn.processor
+    with pytest.raises(RuntimeError), single_key_cross_attention([spatial]):
+        attn(x, encoder_hidden_states=torch.randn(2, 1, 7, dtype=torch.float64))  # wrong context width
+    assert attn.processor is original

@@ -12,6 +12,8 @@ Differences from the reference that change speed/memory but not results:
   step on a doubled batch);
 - the transformer feed-forwards run one sample / one frame at a time (``chunk_feed_forward``): their inner tensor
   is otherwise the largest activation of a denoising step;
+- cross-attention to the single CLIP token is computed as that token's projected value (``shortcut_cross_attention``;
+  a softmax over one key is exactly 1, so the per-token queries and the attention kernel are skipped);
 - ``low_memory=True`` runs the two classifier-free-guidance halves one after the other (batch 1 each) instead of as one
   batch of 2; combine with ``enable_model_cpu_offload()`` on an accelerator.
 """
@@ -43,7 +45,7 @@ from mofa.pipelines.long_video import (
     plan_windows,
     window_frame_indices,
 )
-from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward
+from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward, single_key_cross_attention
 
 __all__ = ["MofaVideoPipeline", "MofaVideoPipelineOutput"]
 
@@ -445,6 +447,7 @@ class MofaVideoPipeline(DiffusionPipeline):
         cache_reference: bool = True,
         channels_last: bool = False,
         chunk_feed_forward: bool = True,
+        shortcut_cross_attention: bool = True,
         callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_dict: bool = True,
@@ -484,6 +487,9 @@ class MofaVideoPipeline(DiffusionPipeline):
             chunk_feed_forward: run the UNet's and adapter's transformer feed-forwards one sample / one frame at a
                 time (default): their inner tensor is the largest activation of a step (2.1 GB at 512x512 × 25
                 frames under guidance). Same output up to float32 summation order; ``False`` = diffusers' default.
+            shortcut_cross_attention: compute the UNet's and adapter's cross-attention to the one CLIP token as
+                ``to_out(to_v(token))`` for every query (default; exact, since a softmax over one key is 1). Same
+                output up to float32 summation order; ``False`` runs the full attention like the reference.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict`` after every step; a returned
                 ``"latents"`` replaces the latents.
 
@@ -514,6 +520,7 @@ class MofaVideoPipeline(DiffusionPipeline):
         with (
             channels_last_convs((self.unet, self.adapter, self.vae), enabled=channels_last),
             chunked_feed_forward((self.unet, self.adapter), enabled=chunk_feed_forward),
+            single_key_cross_attention((self.unet, self.adapter), enabled=shortcut_cross_attention),
         ):
             # 1. conditioning: CLIP embedding, dense flow, noise-augmented image latents, micro-conditioning
             embeds = self._encode_image(image01, device, cfg, reference_mode)

@@ -2,9 +2,11 @@
 
 - :func:`channels_last_convs`: 2-D convolutions on channels-last inputs (opt-in; speed, see below);
 - :func:`chunked_feed_forward`: the transformer blocks' feed-forward layers one sample / one frame at a time
-  (memory).
+  (memory);
+- :func:`single_key_cross_attention`: cross-attention over a one-token context computed as what it is, that token's
+  projected value (speed).
 
-Both give the unscoped outputs up to float32 summation order.
+All give the unscoped outputs up to float32 summation order.
 
 **Channels-last.** oneDNN (CPU) and cuDNN (tensor cores) often run a 2-D convolution on a channels-last (NHWC) input
 faster than on NCHW. Measured here it is not a clear win: an isolated full-size SVD-XT UNet call (256x256, 8 frames,
@@ -21,6 +23,15 @@ C = 320) it is 0.3 GB, at 512x512 × 25 frames 2.1 GB, several times any other s
 feed-forward acts on every token on its own, so running it one sample (spatial blocks) or one frame (temporal blocks)
 at a time gives the same tokens out with ``1/(B·T)`` or ``1/T`` of that peak (diffusers' ``set_chunk_feed_forward``
 hooks, set and restored here).
+
+**Single-key cross-attention.** SVD conditions on one CLIP image embedding: every cross-attention (``attn2`` of the
+spatial and temporal transformer blocks, in the UNet and in the adapter) attends from all ``N`` tokens to a context of
+ONE token. A softmax over one key is exactly 1 whatever the query and key, so the attention output is that token's
+value for every query: ``out = to_out(to_v(context))``, broadcast over the tokens. The stock path still projects every
+token to a query (``N·C²`` multiply-adds), runs the attention kernel and projects all ``N`` identical rows out again
+(another ``N·C²``); that is ~2 of the ~25 ``N·C²`` a spatial+temporal block pair spends in its linear layers. The
+shortcut computes one value and one output row per context token. Any other call (longer context, attention mask,
+training-mode dropout, 4-D inputs, group/spatial norm) goes to the wrapped processor unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["channels_last_convs", "chunked_feed_forward"]
+__all__ = ["channels_last_convs", "chunked_feed_forward", "single_key_cross_attention"]
 
 
 def _submodules(modules: Iterable[nn.Module | None]) -> Iterator[nn.Module]:
@@ -83,3 +94,64 @@ def chunked_feed_forward(modules: Iterable[nn.Module | None], enabled: bool = Tr
     finally:
         for block, size, dim in saved:
             block._chunk_size, block._chunk_dim = size, dim
+
+
+class _SingleKeyCrossAttention:
+    """Attention processor wrapper: a cross-attention whose context has one token returns that token's projected value
+    for every query (softmax over one key is exactly 1); anything else goes to the wrapped processor."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def _applies(self, attn: nn.Module, hidden_states: torch.Tensor, context: torch.Tensor | None, mask) -> bool:
+        return (
+            context is not None
+            and mask is None
+            and hidden_states.ndim == 3
+            and context.ndim == 3
+            and context.shape[1] == 1
+            and context.shape[0] == hidden_states.shape[0]
+            and getattr(attn, "spatial_norm", None) is None
+            and getattr(attn, "group_norm", None) is None
+            and not (attn.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in attn.to_out))
+        )
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if not self._applies(attn, hidden_states, encoder_hidden_states, attention_mask):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        value = attn.to_v(context).to(hidden_states.dtype)  # [N, 1, inner]: the attention output of every query
+        out = attn.to_out[1](attn.to_out[0](value))  # [N, 1, C]
+        out = out.expand(-1, hidden_states.shape[1], -1)  # [N, tokens, C], a view
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def single_key_cross_attention(modules: Iterable[nn.Module | None], enabled: bool = True) -> Iterator[None]:
+    """Within the block, every diffusers cross-attention inside ``modules`` computes a one-token context as
+    ``to_out(to_v(context))`` broadcast over the queries (same result as the full attention; see the module
+    docstring). The previous processors are restored on exit, also on error."""
+    saved: list[tuple[nn.Module, object]] = []
+    try:
+        if enabled:
+            for attn in _submodules(modules):
+                if getattr(attn, "is_cross_attention", False) and hasattr(attn, "processor"):
+                    saved.append((attn, attn.processor))
+                    attn.processor = _SingleKeyCrossAttention(attn.processor)
+        yield
+    finally:
+        for attn, processor in saved:
+            attn.processor = processor

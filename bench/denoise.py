@@ -7,11 +7,12 @@ and are not what is measured). Modes, each in a FRESH subprocess (so peak RSS is
 - ``reference``: the original MOFA-Video way — every step re-encodes and re-warps the first-frame feature pyramid
   (``cache_reference=False``), both guidance halves as one batch of 2, NCHW convolutions (``channels_last=False``),
   whole-batch feed-forwards (``chunk_feed_forward=False``), full attention to the one CLIP token
-  (``shortcut_cross_attention=False``);
+  (``shortcut_cross_attention=False``), the adapter's residuals held for the whole UNet call (a hook keeps references,
+  as the reference pipeline's variables do; the pipeline releases them after the UNet's down pass);
 - ``cached_nchw``: reference features encoded + warped once per generation, otherwise as ``reference`` (isolates
   the caching);
 - ``ours``: the pipeline defaults — cached features, feed-forwards one sample / frame at a time, cross-attention to
-  the one CLIP token computed as its projected value; with
+  the one CLIP token computed as its projected value, adapter residuals released after the UNet's down pass; with
   ``--huge-pages`` run with ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out
   every convolution weight into fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step
   at small sizes; at 256² it does not speed a step up and costs working memory);
@@ -54,6 +55,9 @@ MODES = {
     "low_memory": {"cache_reference": True, "low_memory": True},
 }
 HUGE_PAGE_MODES = ("ours", "channels_last", "low_memory")
+HOLD_RESIDUAL_MODES = ("reference", "cached_nchw")
+"""Modes that keep the adapter's residuals alive for the whole UNet call, as the reference pipeline does (its
+``down_block_res_samples`` variable); the pipeline itself releases them after the UNet's down pass."""
 """Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment with ``--huge-pages`` (as the ``mofa`` console script
 sets it)."""
 
@@ -132,6 +136,12 @@ def worker(mode: str, size: int, frames: int, steps: int, dtype_name: str, out: 
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(3))
     flow = torch.randn(frames - 1, 2, size, size, generator=torch.Generator().manual_seed(4)) * 3.0
     stamps: list[float] = []
+    if mode in HOLD_RESIDUAL_MODES:
+        held: list = []
+        pipe.unet.register_forward_pre_hook(
+            lambda _m, _a, kw: held.extend(kw["down_block_additional_residuals"]), with_kwargs=True
+        )
+        pipe.unet.register_forward_hook(lambda *_: held.clear())
 
     cpu_stamps: list[float] = []
 

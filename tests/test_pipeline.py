@@ -21,7 +21,7 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 
 from mofa.errors import MofaInputError
 from mofa.pipelines.pipeline_mofa import MofaVideoPipeline, MofaVideoPipelineOutput
-from mofa.pipelines.runtime import single_key_cross_attention
+from mofa.pipelines.runtime import chunked_feed_forward, single_key_cross_attention
 from tiny_models import build_tiny_pipeline, build_tiny_svd
 
 STEPS = 3
@@ -69,23 +69,19 @@ def run(pipe, image, seed=0, **kwargs):
 
 
 def stock_svd(parts, image, seed=0, feature_extractor=None, chunked=True, shortcut=True, **kwargs):
-    """diffusers' SVD pipeline; ``chunked`` = with diffusers' own feed-forward chunking (one sample / frame at a time),
-    ``shortcut`` = with our single-key cross-attention processors, as our pipeline runs by default (same arithmetic;
-    otherwise the outputs differ by float32 rounding that the random tiny UNet amplifies to ~1e-4..1e-3)."""
+    """diffusers' SVD pipeline; ``chunked`` / ``shortcut`` = with our feed-forward chunking and single-key
+    cross-attention scopes on its UNet, as our pipeline runs by default (same arithmetic on both sides; otherwise the
+    outputs differ by float32 rounding that the random tiny UNet amplifies to ~1e-4..1e-3)."""
     components = dict(parts)
     if feature_extractor is not None:
         components["feature_extractor"] = feature_extractor
     svd = StableVideoDiffusionPipeline(**components)
     svd.set_progress_bar_config(disable=True)
-    if chunked:
-        svd.unet.enable_forward_chunking(chunk_size=1, dim=0)
-    try:
-        with single_key_cross_attention([svd.unet], enabled=shortcut):
-            return _call_stock(svd, image, seed, **kwargs)
-    finally:  # this UNet class has no disable_forward_chunking
-        for block in svd.unet.modules():
-            if hasattr(block, "set_chunk_feed_forward"):
-                block.set_chunk_feed_forward(None)
+    with (
+        chunked_feed_forward([svd.unet], enabled=chunked),
+        single_key_cross_attention([svd.unet], enabled=shortcut),
+    ):
+        return _call_stock(svd, image, seed, **kwargs)
 
 
 def _call_stock(svd, image, seed, **kwargs):

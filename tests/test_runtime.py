@@ -58,28 +58,42 @@ def test_hooks_removed_on_error():
     assert all(not m._forward_pre_hooks for m in net.modules())
 
 
-def test_chunked_feed_forward_runs_one_sample_or_frame_at_a_time():
+@pytest.mark.parametrize(
+    ("max_bytes", "spatial_chunks", "temporal_chunks"),
+    [
+        # one spatial unit (sample) = 4 tokens x 128 inner x 8 B = 4 KiB; one temporal unit (frame) = 2·4 rows = 8 KiB
+        (1, [(1, 4, 16)] * 6, [(8, 1, 16)] * 3),  # nothing fits: one sample / one frame at a time
+        (8192, [(2, 4, 16)] * 3, [(8, 1, 16)] * 3),  # two samples; still one frame
+        (12 * 1024, [(3, 4, 16)] * 2, [(8, 1, 16)] * 3),  # three samples (divisor of 6); 1 frame (3 has no 1 < d < 3)
+        (64 * 2**20, [(6, 4, 16)], [(8, 3, 16)]),  # everything fits: the unchunked path
+    ],
+)
+def test_chunked_feed_forward_sizes_chunks_by_bytes(max_bytes, spatial_chunks, temporal_chunks):
+    """The feed-forward runs on the largest whole number of samples (spatial) / frames (temporal) that divides the
+    batch and keeps the inner activation within ``max_chunk_bytes``; numbers unchanged; settings restored."""
     from diffusers.models.attention import BasicTransformerBlock, TemporalBasicTransformerBlock
 
     torch.manual_seed(0)
-    spatial = BasicTransformerBlock(16, 2, 8).double().eval()
+    spatial = BasicTransformerBlock(16, 2, 8).double().eval()  # GEGLU inner width 2·4·16 = 128
     temporal = TemporalBasicTransformerBlock(16, 16, 2, 8).double().eval()
     spatial.set_chunk_feed_forward(4, dim=1)  # a user's own setting survives the scope
     x = torch.randn(6, 4, 16, dtype=torch.float64)  # spatial: [B·T, tokens, C]; temporal: [B·tokens, T, C] (T = 3)
-    widths = []
+    widths: dict[str, list] = {"spatial": [], "temporal": []}
     hooks = [
-        b.ff.register_forward_pre_hook(lambda _m, a: widths.append(tuple(a[0].shape))) for b in (spatial, temporal)
+        b.ff.register_forward_pre_hook(lambda _m, a, k=k: widths[k].append(tuple(a[0].shape)))
+        for k, b in (("spatial", spatial), ("temporal", temporal))
     ]
     with torch.no_grad():
         expected = spatial(x), temporal(x, num_frames=3)
-        widths.clear()
-        with chunked_feed_forward([spatial, None, temporal]):
+        widths = {"spatial": [], "temporal": []}
+        with chunked_feed_forward([spatial, None, temporal], max_chunk_bytes=max_bytes):
             got = spatial(x), temporal(x, num_frames=3)
     for h in hooks:
         h.remove()
-    assert widths == [(1, 4, 16)] * 6 + [(8, 1, 16)] * 3
+    assert widths == {"spatial": spatial_chunks, "temporal": temporal_chunks}
     assert all(float((g - e).abs().max()) <= 1e-12 for g, e in zip(got, expected, strict=True))
     assert (spatial._chunk_size, spatial._chunk_dim) == (4, 1) and temporal._chunk_size is None
+    assert not spatial._forward_pre_hooks and not temporal._forward_pre_hooks
 
 
 def _blocks():

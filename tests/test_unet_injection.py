@@ -172,3 +172,32 @@ def test_fresh_adapter_leaves_unet_output_unchanged(unet, generator) -> None:
             mid_block_additional_residual=res.mid_block_res_sample,
         ).sample
     torch.testing.assert_close(injected, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["accumulate", "single"])
+def test_released_residuals_are_freed_before_the_up_pass(unet, generator, mode: str) -> None:
+    """``release_residuals=True`` with a list: same output, the list is emptied and its tensors are gone (no other
+    reference) by the time the first up block runs; a tuple, or the default, is left alone."""
+    import weakref
+
+    args = _inputs(generator)
+    shapes = _skip_shapes(unet)
+    alive_at_up_pass: list[bool] = []
+    refs: list[weakref.ref] = []
+    handle = unet.up_blocks[0].register_forward_pre_hook(
+        lambda *_: alive_at_up_pass.append(any(r() is not None for r in refs))
+    )
+    with torch.no_grad():
+        kept = tuple(torch.randn(s, generator=generator) for s in shapes)
+        expected = unet(*args, down_block_additional_residuals=kept, residual_mode=mode, release_residuals=True)
+        assert len(kept) == 12 and alive_at_up_pass == [False]  # no refs registered yet
+        residuals = [r.clone() for r in kept]
+        refs.extend(weakref.ref(r) for r in residuals)
+        got = unet(*args, down_block_additional_residuals=residuals, residual_mode=mode, release_residuals=True)
+        listed = list(kept)
+        unet(*args, down_block_additional_residuals=listed, residual_mode=mode)  # default: not released
+    handle.remove()
+    assert residuals == [] and alive_at_up_pass[:2] == [False, False]
+    assert all(r() is None for r in refs)
+    assert len(listed) == 12
+    torch.testing.assert_close(got.sample, expected.sample, rtol=0, atol=0)

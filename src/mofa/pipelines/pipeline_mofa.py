@@ -10,8 +10,10 @@ Differences from the reference that change speed/memory but not results:
 - the adapter's reference features (first-frame encoding + forward warping, one pyramid per window) are computed
   ONCE per generation and reused for every step and both guidance halves (the reference recomputes them for every
   step on a doubled batch);
-- the transformer feed-forwards run one sample / one frame at a time (``chunk_feed_forward``): their inner tensor
-  is otherwise the largest activation of a denoising step;
+- the adapter's down residuals are released once the UNet's down pass has added them to its skips, before the up
+  pass where a step's memory peaks (the reference holds them for the whole UNet call);
+- the transformer feed-forwards run a few samples / frames at a time (``chunk_feed_forward``, chunks of at most
+  64 MiB): their inner tensor is otherwise the largest activation of a denoising step;
 - cross-attention to the single CLIP token is computed as that token's projected value (``shortcut_cross_attention``;
   a softmax over one key is exactly 1, so the per-token queries and the attention kernel are skipped);
 - ``low_memory=True`` runs the two classifier-free-guidance halves one after the other (batch 1 each) instead of as one
@@ -350,7 +352,8 @@ class MofaVideoPipeline(DiffusionPipeline):
         cond_image: torch.Tensor,
         cond: _WindowCond,
         conditioning_scale: float,
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The adapter's down residuals (a fresh list, see ``release_residuals``) and mid residual."""
         reps = sample.shape[0] // cond_image.shape[0]
         if cond.reference_features is not None:  # cached pyramid, already at the sample's batch size
             out = self.adapter(
@@ -373,7 +376,7 @@ class MofaVideoPipeline(DiffusionPipeline):
                 conditioning_scale=conditioning_scale,
                 return_dict=True,
             )
-        return tuple(out.down_block_res_samples), out.mid_block_res_sample
+        return list(out.down_block_res_samples), out.mid_block_res_sample
 
     def _denoise(
         self,
@@ -401,10 +404,11 @@ class MofaVideoPipeline(DiffusionPipeline):
                 t,
                 encoder_hidden_states=emb,
                 added_time_ids=ids,
-                down_block_additional_residuals=down,
+                down_block_additional_residuals=down,  # a list the UNet empties after its down pass: freed early
                 mid_block_additional_residual=mid,
                 residual_mode="accumulate",
                 return_dict=False,
+                release_residuals=True,
             )[0]
 
         if not cfg:
@@ -484,9 +488,10 @@ class MofaVideoPipeline(DiffusionPipeline):
                 them every step like the reference (same output, slower; for benchmarks/tests).
             channels_last: run the UNet's, adapter's and VAE's 2-D convolutions on channels-last inputs (opt-in: may
                 be faster with oneDNN or cuDNN; same output up to float32 summation order; see pipelines/runtime.py).
-            chunk_feed_forward: run the UNet's and adapter's transformer feed-forwards one sample / one frame at a
-                time (default): their inner tensor is the largest activation of a step (2.1 GB at 512x512 × 25
-                frames under guidance). Same output up to float32 summation order; ``False`` = diffusers' default.
+            chunk_feed_forward: run the UNet's and adapter's transformer feed-forwards on a few samples / frames at a
+                time, chunks of at most 64 MiB (default): their inner tensor is the largest activation of a step
+                (2.1 GB at 512x512 × 25 frames under guidance), and the chunks are also faster on a CPU. Same output
+                up to float32 summation order; ``False`` = diffusers' default.
             shortcut_cross_attention: compute the UNet's and adapter's cross-attention to the one CLIP token as
                 ``to_out(to_v(token))`` for every query (default; exact, since a softmax over one key is 1). Same
                 output up to float32 summation order; ``False`` runs the full attention like the reference.

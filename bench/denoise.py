@@ -11,13 +11,16 @@ and are not what is measured). Modes, each in a FRESH subprocess (so peak RSS is
   as the reference pipeline's variables do; the pipeline releases them after the UNet's down pass);
 - ``cached_nchw``: reference features encoded + warped once per generation, otherwise as ``reference`` (isolates
   the caching);
-- ``ours``: the pipeline defaults — cached features, feed-forwards one sample / frame at a time, cross-attention to
-  the one CLIP token computed as its projected value, adapter residuals released after the UNet's down pass; with
-  ``--huge-pages`` run with ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out
-  every convolution weight into fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step
-  at small sizes; at 256² it does not speed a step up and costs working memory);
-- ``channels_last``: ours + channels-last convolutions (``channels_last=True``);
-- ``low_memory``: ours + guidance halves one after the other (batch 1 each).
+- ``ours``: the pipeline defaults — cached features, feed-forwards in chunks of at most 64 MiB, cross-attention to
+  the one CLIP token computed as its projected value, adapter residuals released after the UNet's down pass, and, on
+  a CPU, the guidance halves one after the other (``low_memory=None`` picks that on a CPU); with ``--huge-pages`` run
+  with ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out every convolution weight
+  into fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step at small sizes; at 256²
+  it does not speed a step up and costs working memory);
+- ``joint_guidance``: ours but the guidance halves as one batch of 2 (``low_memory=False``; the accelerator default);
+- ``low_memory``: ``low_memory=True`` explicitly (on a CPU the same as ``ours``);
+- ``channels_last`` (on request): ours + channels-last convolutions (``channels_last=True``);
+- ``cached_nchw`` (on request): see above.
 
 Reported per mode: seconds per denoising step (the time between the step callbacks of steps 1 and 2, i.e. a warm
 step; wall and process CPU time — the CPU-time ratio is the steadier one on a shared machine; the whole call is
@@ -50,11 +53,13 @@ _PLAIN = {"channels_last": False, "chunk_feed_forward": False, "shortcut_cross_a
 MODES = {
     "reference": {"cache_reference": False, "low_memory": False, **_PLAIN},
     "cached_nchw": {"cache_reference": True, "low_memory": False, **_PLAIN},
-    "ours": {"cache_reference": True, "low_memory": False},
-    "channels_last": {"cache_reference": True, "low_memory": False, "channels_last": True},
+    "ours": {"cache_reference": True},
+    "joint_guidance": {"cache_reference": True, "low_memory": False},
+    "channels_last": {"cache_reference": True, "channels_last": True},
     "low_memory": {"cache_reference": True, "low_memory": True},
 }
-HUGE_PAGE_MODES = ("ours", "channels_last", "low_memory")
+HUGE_PAGE_MODES = ("ours", "joint_guidance", "channels_last", "low_memory")
+DEFAULT_MODES = ("reference", "ours", "joint_guidance", "low_memory")
 HOLD_RESIDUAL_MODES = ("reference", "cached_nchw")
 """Modes that keep the adapter's residuals alive for the whole UNet call, as the reference pipeline does (its
 ``down_block_res_samples`` variable); the pipeline itself releases them after the UNet's down pass."""
@@ -202,7 +207,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="at least 2 (step 1 is the cold one)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--huge-pages", action="store_true", help="run our modes with THP_MEM_ALLOC_ENABLE=1")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
+    parser.add_argument(
+        "--modes", default=",".join(DEFAULT_MODES), help="comma-separated subset of " + ", ".join(MODES)
+    )
     parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

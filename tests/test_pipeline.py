@@ -26,6 +26,9 @@ from tiny_models import build_tiny_pipeline, build_tiny_svd
 
 STEPS = 3
 FRAMES = 6
+JOINT = {"low_memory": False}
+"""Guidance halves as one batch, as diffusers' SVD pipeline runs them: compared with it like with like (our CPU
+default runs them one after the other: same numbers in float64, float32 rounding apart)."""
 
 
 @pytest.fixture(scope="module")
@@ -110,25 +113,25 @@ def test_output_shapes_and_range(zero_pipe, image, flow):
 
 
 def test_zero_adapter_equals_stock_svd(parts, zero_pipe, image, flow):
-    ours = run(zero_pipe, image, flow=flow, fps=7, motion_bucket_id=128, noise_aug_strength=0.02).frames
+    ours = run(zero_pipe, image, flow=flow, fps=7, motion_bucket_id=128, noise_aug_strength=0.02, **JOINT).frames
     stock = stock_svd(parts, image, fps=7, motion_bucket_id=128, noise_aug_strength=0.02)
     assert float((ours - stock).abs().max()) <= 1e-5
     # other micro-conditioning values are honoured the same way as stock SVD (fps - 1, bucket, aug)
-    ours = run(zero_pipe, image, flow=flow, fps=12, motion_bucket_id=30, noise_aug_strength=0.1).frames
+    ours = run(zero_pipe, image, flow=flow, fps=12, motion_bucket_id=30, noise_aug_strength=0.1, **JOINT).frames
     stock = stock_svd(parts, image, fps=12, motion_bucket_id=30, noise_aug_strength=0.1)
     assert float((ours - stock).abs().max()) <= 1e-5
     # without feed-forward chunking and the cross-attention shortcut on both sides: diffusers' arithmetic throughout
-    ours = run(zero_pipe, image, flow=flow, chunk_feed_forward=False, shortcut_cross_attention=False).frames
+    ours = run(zero_pipe, image, flow=flow, chunk_feed_forward=False, shortcut_cross_attention=False, **JOINT).frames
     stock = stock_svd(parts, image, motion_bucket_id=128, chunked=False, shortcut=False)
     assert float((ours - stock).abs().max()) <= 1e-5
 
 
 def test_default_micro_conditioning_is_the_reference_value(parts, zero_pipe, image):
     """Defaults fps=7 → 6, motion_bucket_id=128, noise_aug 0.02: the reference's hard-coded [6, 128, 0.02]."""
-    ours = run(zero_pipe, image).frames
+    ours = run(zero_pipe, image, **JOINT).frames
     stock = stock_svd(parts, image, fps=7, motion_bucket_id=128, noise_aug_strength=0.02)
     assert float((ours - stock).abs().max()) <= 1e-5
-    ref = run(zero_pipe, image, reference_mode=True, fps=30, motion_bucket_id=1).frames
+    ref = run(zero_pipe, image, reference_mode=True, fps=30, motion_bucket_id=1, **JOINT).frames
     assert not torch.allclose(ref, ours)  # reference mode differs (CLIP input) ...
     unnormalised = copy.deepcopy(parts["feature_extractor"])
     unnormalised.image_mean, unnormalised.image_std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
@@ -151,7 +154,7 @@ def test_reference_mode_conditioning_values(zero_pipe, image):
     h1 = zero_pipe.unet.register_forward_pre_hook(unet_hook, with_kwargs=True)
     h2 = zero_pipe.image_encoder.register_forward_pre_hook(clip_hook)
     try:
-        run(zero_pipe, image, reference_mode=True, fps=25, motion_bucket_id=3, noise_aug_strength=0.0)
+        run(zero_pipe, image, reference_mode=True, fps=25, motion_bucket_id=3, noise_aug_strength=0.0, **JOINT)
     finally:
         h1.remove()
         h2.remove()
@@ -173,16 +176,30 @@ def test_cached_reference_features_equal_uncached(live_pipe64, image, flow):
 
 
 def test_low_memory_equals_batched_guidance(live_pipe64, image, flow):
-    batched = run(live_pipe64, image, flow=flow).frames
-    low = run(live_pipe64, image, flow=flow, low_memory=True).frames
+    """Guidance halves as one batch of 2 or one after the other: same video. The default (``low_memory=None``) runs
+    them one after the other on a CPU (faster there, bench/denoise.py)."""
+    batches: list[int] = []
+    handle = live_pipe64.unet.register_forward_pre_hook(lambda _m, a: batches.append(a[0].shape[0]))
+    try:
+        batched = run(live_pipe64, image, flow=flow, low_memory=False).frames
+        assert batches == [2] * STEPS
+        batches.clear()
+        low = run(live_pipe64, image, flow=flow, low_memory=True).frames
+        assert batches == [1] * (2 * STEPS)
+        batches.clear()
+        default = run(live_pipe64, image, flow=flow).frames
+        assert batches == [1] * (2 * STEPS)
+    finally:
+        handle.remove()
     assert float((batched - low).abs().max()) <= 1e-10
+    assert torch.equal(default, low)
 
 
 def test_adapter_controls_the_video(parts, live_pipe, image, flow):
     base = stock_svd(parts, image, motion_bucket_id=128)
-    driven = run(live_pipe, image, flow=flow).frames
+    driven = run(live_pipe, image, flow=flow, **JOINT).frames
     assert float((driven - base).abs().max()) > 1e-3
-    off = run(live_pipe, image, flow=flow, conditioning_scale=0.0).frames
+    off = run(live_pipe, image, flow=flow, conditioning_scale=0.0, **JOINT).frames
     assert float((off - base).abs().max()) <= 1e-5
 
 
@@ -308,7 +325,7 @@ def test_model_cpu_offload_hooks_same_video(parts, image, flow):
     handle = pipe.adapter.register_forward_pre_hook(lambda *_: forwards.append(1))
     got = run(pipe, image, flow=flow).frames
     handle.remove()
-    assert len(forwards) == STEPS
-    assert len(calls) == STEPS + 1  # every forward + once for the cached reference encoding of the one window
+    assert len(forwards) == 2 * STEPS  # guidance halves one after the other (the CPU default)
+    assert len(calls) == 2 * STEPS + 1  # every forward + once for the cached reference encoding of the one window
     assert torch.equal(got, expected)
     pipe.remove_all_hooks()

@@ -236,7 +236,10 @@ def animate_command(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "fp32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps ...")] = "auto",
     low_memory: Annotated[
-        bool, typer.Option("--low-memory", help="Guidance halves one after the other; CPU offload on GPUs.")
+        bool,
+        typer.Option(
+            "--low-memory", help="Guidance halves one after the other (always so on a CPU) and CPU offload on GPUs."
+        ),
     ] = False,
     reference_mode: Annotated[
         bool, typer.Option("--reference-mode", help="Reproduce the original MOFA-Video numerics.")
@@ -284,7 +287,7 @@ def animate_command(
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type="pt",
         reference_mode=reference_mode,
-        low_memory=low_memory,
+        low_memory=True if low_memory else None,  # None: the pipeline's per-device default (halves apart on a CPU)
     )
     generated = time.perf_counter()
     video = PreviewOutput(frames=result.frames[0].cpu(), flow=result.flow[0], holes=torch.zeros(0))

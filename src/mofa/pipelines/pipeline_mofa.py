@@ -17,7 +17,8 @@ Differences from the reference that change speed/memory but not results:
 - cross-attention to the single CLIP token is computed as that token's projected value (``shortcut_cross_attention``;
   a softmax over one key is exactly 1, so the per-token queries and the attention kernel are skipped);
 - ``low_memory=True`` runs the two classifier-free-guidance halves one after the other (batch 1 each) instead of as one
-  batch of 2; combine with ``enable_model_cpu_offload()`` on an accelerator.
+  batch of 2 (the default on a CPU, where it is also faster); combine with ``enable_model_cpu_offload()`` on an
+  accelerator.
 """
 
 from __future__ import annotations
@@ -444,7 +445,7 @@ class MofaVideoPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         reference_mode: bool = False,
-        low_memory: bool = False,
+        low_memory: bool | None = None,
         window_size: int | None = None,
         window_stride: int | None = None,
         window_blend: str | None = None,
@@ -479,7 +480,10 @@ class MofaVideoPipeline(DiffusionPipeline):
                 uses.
             reference_mode: reproduce the original pipeline's numerics (spec §7): time ids fixed to [6, 128, 0.02],
                 un-normalised CLIP input, the reference's uniform window blend including its duplicated last window.
-            low_memory: run the two guidance halves sequentially (batch 1 each). Same output.
+            low_memory: run the two guidance halves sequentially (batch 1 each) instead of as one batch of 2. Same
+                output. ``None`` (default): sequentially on a CPU, where it was measured both faster (1.13x per step
+                at 256x256 × 14 frames; smaller activations, fewer page faults) and leaner (0.58 vs 1.0 GiB working
+                memory), as one batch on accelerators.
             window_size, window_stride: sliding-window length (default ``unet.config.num_frames``) and stride
                 (default ``window_size // 2``).
             window_blend: ``"ramp"`` (default; triangular cross-fade of overlapping windows) or ``"uniform"`` (the
@@ -521,6 +525,8 @@ class MofaVideoPipeline(DiffusionPipeline):
         decode_chunk_size = decode_chunk_size or num_frames
         device = self._execution_device
         cfg = sampling.do_cfg(max_guidance_scale)
+        if low_memory is None:
+            low_memory = device.type == "cpu"
 
         with (
             channels_last_convs((self.unet, self.adapter, self.vae), enabled=channels_last),

@@ -481,9 +481,9 @@ class MofaVideoPipeline(DiffusionPipeline):
             reference_mode: reproduce the original pipeline's numerics (spec §7): time ids fixed to [6, 128, 0.02],
                 un-normalised CLIP input, the reference's uniform window blend including its duplicated last window.
             low_memory: run the two guidance halves sequentially (batch 1 each) instead of as one batch of 2. Same
-                output. ``None`` (default): sequentially on a CPU, where it was measured both faster (1.13x per step
-                at 256x256 × 14 frames; smaller activations, fewer page faults) and leaner (0.58 vs 1.0 GiB working
-                memory), as one batch on accelerators.
+                output. ``None`` (default): sequentially on a CPU, where it was measured both faster (1.07-1.16x per
+                step at 256x256 × 14 frames; smaller activations, fewer page faults) and leaner (0.58 vs 1.18 GiB
+                working memory, docs/benchmarks.md), as one batch on accelerators.
             window_size, window_stride: sliding-window length (default ``unet.config.num_frames``) and stride
                 (default ``window_size // 2``).
             window_blend: ``"ramp"`` (default; triangular cross-fade of overlapping windows) or ``"uniform"`` (the

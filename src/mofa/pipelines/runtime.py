@@ -26,7 +26,7 @@ with the chunk size chosen per call and restored here). The chunk is the largest
 whose inner tensor fits ``max_chunk_bytes`` (64 MiB): one sample or frame at a time, the previous rule, made the
 low-resolution blocks re-read their large weights (52 MB for a 1280-channel GEGLU) for a few rows each — a step
 was 10-15% SLOWER than unchunked on a CPU — while 64 MiB chunks are faster than unchunked (a 128x128 × 14-frame
-step at 1 thread: 0.88x the unchunked CPU time, against 1.12x for one unit at a time; the intermediates stay small
+step at 1 thread: 0.88x the unchunked CPU time, against 1.16x for one unit at a time; the intermediates stay small
 enough to be reused by the allocator and to sit in cache).
 
 **Single-key cross-attention.** SVD conditions on one CLIP image embedding: every cross-attention (``attn2`` of the

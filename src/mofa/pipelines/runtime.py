@@ -187,7 +187,9 @@ class _SingleKeyCrossAttention:
         out = out.expand(-1, hidden_states.shape[1], -1)  # [N, tokens, C], a view
         if attn.residual_connection:
             out = out + hidden_states
-        return out / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # SVD's is 1: skip a pass over every token (x / 1.0 == x exactly)
+            out = out / attn.rescale_output_factor
+        return out
 
 
 @contextmanager

@@ -58,13 +58,13 @@ MODES = {
     "channels_last": {"cache_reference": True, "channels_last": True},
     "low_memory": {"cache_reference": True, "low_memory": True},
 }
-HUGE_PAGE_MODES = ("ours", "joint_guidance", "channels_last", "low_memory")
 DEFAULT_MODES = ("reference", "ours", "joint_guidance", "low_memory")
+HUGE_PAGE_MODES = ("ours", "joint_guidance", "channels_last", "low_memory")
+"""Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment with ``--huge-pages`` (as the ``mofa`` console script
+sets it)."""
 HOLD_RESIDUAL_MODES = ("reference", "cached_nchw")
 """Modes that keep the adapter's residuals alive for the whole UNet call, as the reference pipeline does (its
 ``down_block_res_samples`` variable); the pipeline itself releases them after the UNet's down pass."""
-"""Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment with ``--huge-pages`` (as the ``mofa`` console script
-sets it)."""
 
 
 def _rss_kib(field: str) -> int:
@@ -134,13 +134,20 @@ def build_pipeline(dtype_name: str):
     return pipe
 
 
+def _warm_step(stamps: list[tuple[float, float]], clock: int) -> float:
+    """Median step time on one clock (0 wall, 1 CPU), without the first interval (setup + the cold step 1)."""
+    steps = [b[clock] - a[clock] for a, b in zip(stamps, stamps[1:], strict=False)]
+    warm = steps[1:] or steps
+    return sorted(warm)[len(warm) // 2]
+
+
 def worker(mode: str, size: int, frames: int, steps: int, dtype_name: str, out: Path) -> None:
     import torch
 
     pipe = build_pipeline(dtype_name)
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(3))
     flow = torch.randn(frames - 1, 2, size, size, generator=torch.Generator().manual_seed(4)) * 3.0
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []  # (wall, process CPU time) at the start and after every step
     if mode in HOLD_RESIDUAL_MODES:
         held: list = []
         pipe.unet.register_forward_pre_hook(
@@ -148,11 +155,8 @@ def worker(mode: str, size: int, frames: int, steps: int, dtype_name: str, out: 
         )
         pipe.unet.register_forward_hook(lambda *_: held.clear())
 
-    cpu_stamps: list[float] = []
-
     def on_step(_pipe, _i, _t, kwargs):
-        stamps.append(time.perf_counter())
-        cpu_stamps.append(time.process_time())
+        stamps.append((time.perf_counter(), time.process_time()))
         return {}
 
     # No warm-up call: its freed activations would stay in the heap and hide the working memory from VmHWM. The
@@ -160,8 +164,7 @@ def worker(mode: str, size: int, frames: int, steps: int, dtype_name: str, out: 
     rss_before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     start = time.perf_counter()
-    stamps.append(start)
-    cpu_stamps.append(time.process_time())
+    stamps.append((start, time.process_time()))
     latents = pipe(
         image, flow=flow, num_frames=frames, num_inference_steps=steps, conditioning_scale=1.0,
         generator=torch.Generator().manual_seed(0), output_type="latent", callback_on_step_end=on_step,
@@ -170,13 +173,9 @@ def worker(mode: str, size: int, frames: int, steps: int, dtype_name: str, out: 
     total = time.perf_counter() - start
     peak = _rss_kib("VmHWM")
     torch.save(latents.float(), out)
-    loop_steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]  # [setup + step 1, step 2, ...]
-    warm = loop_steps[1:] or loop_steps
-    cpu_steps = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:], strict=False)]
-    cpu_warm = cpu_steps[1:] or cpu_steps
     print(json.dumps({
-        "mode": mode, "sec_per_step": sorted(warm)[len(warm) // 2], "call_sec": total,
-        "cpu_sec_per_step": sorted(cpu_warm)[len(cpu_warm) // 2],
+        "mode": mode, "sec_per_step": _warm_step(stamps, 0), "call_sec": total,
+        "cpu_sec_per_step": _warm_step(stamps, 1),
         "peak_rss_gib": peak / 2**20, "rss_before_gib": rss_before / 2**20,
         "peak_extra_gib": (peak - rss_before) / 2**20,
         "finite": bool(torch.isfinite(latents).all()),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mofa.flow.ops import coords_grid, invert_flow, resize_flow, sample_at
 from mofa.flow.softsplat import softsplat
 
-__all__ = ["FOREGROUND_SHARPNESS", "REFINE_ITERATIONS", "reverse_flow", "splat_importance"]
+__all__ = ["FOREGROUND_SHARPNESS", "REFINE_ITERATIONS", "importance_splat", "reverse_flow", "splat_importance"]
 
 FOREGROUND_SHARPNESS = 1.0
 """``k`` of the splatting importance ``exp(k·|flow|)`` (per pixel of motion): a region moving 5 px more than what it
@@ -49,6 +49,28 @@ def splat_importance(flow: torch.Tensor, sharpness: float, unit: float = 1.0) ->
     mag = torch.hypot(flow[:, 0:1], flow[:, 1:2]) * unit
     peak = mag.flatten(1).amax(dim=1).view(n, 1, 1, 1)
     return torch.exp(torch.clamp(sharpness * (mag - peak), min=-_MAX_EXPONENT))
+
+
+def importance_splat(
+    values: torch.Tensor, flow: torch.Tensor, importance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax-splat ``values [N, C, H, W]`` along ``flow [N, 2, H, W]`` with ``importance [N, 1, H, W]``.
+
+    ``[v·e, e, 1]`` go through one plain ``'sum'`` splat and are normalised here: ``'soft'`` mode's 1e-7 epsilon
+    would bias pixels whose importance is tiny; the ones channel measures coverage.
+
+    Returns:
+        ``(mean [N, C, H, W], weight [N, 1, H, W], coverage [N, 1, H, W])``: the importance-weighted mean of what
+        landed on each pixel (0 where no weight landed), the summed importance and the summed bilinear coverage.
+    """
+    c = values.shape[1]
+    splat = softsplat(
+        torch.cat([values * importance, importance, torch.ones_like(importance)], dim=1), flow, mode="sum"
+    )
+    numer, weight, coverage = splat[:, :c], splat[:, c : c + 1], splat[:, c + 1 :]
+    landed = weight > 0
+    mean = torch.where(landed, numer / torch.where(landed, weight, torch.ones_like(weight)), torch.zeros_like(numer))
+    return mean, weight, coverage
 
 
 def _fill_disocclusions(flow: torch.Tensor, backward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,13 +190,9 @@ def reverse_flow(
     grid = (-(-height // stride), -(-width // stride))
     low = resize_flow(f, grid, mode="bilinear") if stride > 1 else f
     unit = 0.5 * (height / grid[0] + width / grid[1])
-    importance = splat_importance(low, sharpness, unit)
-    # Splat [F·e, e, 1] with plain 'sum' and normalise ourselves: 'soft' mode's 1e-7 epsilon would bias pixels whose
-    # importance is tiny; the ones channel measures coverage.
-    splat = softsplat(torch.cat([low * importance, importance, torch.ones_like(importance)], dim=1), low, mode="sum")
-    numer, denom, coverage = splat[:, :2], splat[:, 2:3], splat[:, 3:]
-    landed = (coverage > _LANDED) & (denom > 0)
-    backward = torch.where(landed, numer / torch.where(landed, denom, torch.ones_like(denom)), low)
+    mean, weight, coverage = importance_splat(low, low, splat_importance(low, sharpness, unit))
+    landed = (coverage > _LANDED) & (weight > 0)
+    backward = torch.where(landed, mean, low)
     backward = _fill_holes(backward, landed)
     backward, residual = invert_flow(low, backward, iterations, prefer_moving=sharpness > 0, tol=_ROOT_TOL)
     backward = _fill_holes(backward, residual < _USABLE_TOL)  # no usable root: interpolate the neighbours'

@@ -34,8 +34,7 @@ import torch
 
 from mofa.errors import MofaInputError
 from mofa.flow.ops import backward_warp
-from mofa.flow.reverse import FOREGROUND_SHARPNESS, reverse_flow, splat_importance
-from mofa.flow.softsplat import softsplat
+from mofa.flow.reverse import FOREGROUND_SHARPNESS, importance_splat, reverse_flow, splat_importance
 from mofa.hints.schema import HintSet
 
 __all__ = [
@@ -101,7 +100,6 @@ def warp_frames(
     if int(stride) < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     n = flow.shape[0]
-    channels = image.shape[0]
     img = image.to(torch.float32)
     f = flow.to(device=img.device, dtype=torch.float32)
     src = img.unsqueeze(0).expand(n, -1, -1, -1)
@@ -110,12 +108,7 @@ def warp_frames(
         out = backward_warp(src, -backward, padding_mode="reflection")
         return out.to(image.dtype), holes.to(image.dtype)
 
-    importance = splat_importance(f, sharpness)
-    stacked = torch.cat([src * importance, importance, torch.ones_like(importance)], dim=1)
-    splat = softsplat(stacked, f, mode="sum")
-    numer, denom, coverage = splat[:, :channels], splat[:, channels : channels + 1], splat[:, channels + 1 :]
-    landed = denom > 0
-    forward = torch.where(landed, numer / torch.where(landed, denom, torch.ones_like(denom)), torch.zeros_like(numer))
+    forward, _, coverage = importance_splat(src, f, splat_importance(f, sharpness))
     holes = (1.0 - coverage).clamp(0.0, 1.0)
     if bool((holes > 0).any()):
         backward = backward_warp(src, -f, padding_mode="reflection")

@@ -87,8 +87,8 @@ FEED_FORWARD_CHUNK_BYTES = 64 * 2**20
 """Default cap on a feed-forward chunk's inner activation (the GEGLU projection output), in bytes."""
 
 
-def _feed_forward_units(block: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
-    """``(units along the chunk dim, token rows per unit, inner width)`` of one transformer-block call, or None."""
+def _feed_forward_units(block: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """``(units along the chunk dim, bytes of one unit's inner activation)`` of one transformer-block call, or None."""
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         return None
@@ -96,17 +96,18 @@ def _feed_forward_units(block: nn.Module, args: tuple, kwargs: dict) -> tuple[in
     widths = [ff.net[0].proj.out_features for ff in ffs if ff is not None and hasattr(ff.net[0], "proj")]
     if not widths:
         return None
+    row_bytes = max(widths) * hidden.element_size()
     if isinstance(block, TemporalBasicTransformerBlock):  # temporal block: [B·T, S, C] -> chunks along T of B·S rows
         frames = args[1] if len(args) > 1 else kwargs.get("num_frames")
         if not frames or hidden.shape[0] % int(frames):
             return None
-        return int(frames), hidden.shape[0] // int(frames) * hidden.shape[1], max(widths)
-    return hidden.shape[0], hidden.shape[1], max(widths)  # spatial block: chunks along B·T of S rows
+        return int(frames), hidden.shape[0] // int(frames) * hidden.shape[1] * row_bytes
+    return hidden.shape[0], hidden.shape[1] * row_bytes  # spatial block: chunks along B·T of S rows
 
 
-def _units_per_chunk(units: int, rows_per_unit: int, width: int, itemsize: int, max_bytes: int) -> int:
+def _units_per_chunk(units: int, unit_bytes: int, max_bytes: int) -> int:
     """The largest divisor of ``units`` whose chunk's inner tensor fits ``max_bytes`` (at least 1)."""
-    fit = max(1, max_bytes // max(rows_per_unit * width * itemsize, 1))
+    fit = max(1, max_bytes // max(unit_bytes, 1))
     return max(d for d in range(1, min(units, fit) + 1) if units % d == 0)
 
 
@@ -126,9 +127,8 @@ def chunked_feed_forward(
     def size_chunks(block: nn.Module, args: tuple, kwargs: dict) -> None:
         found = _feed_forward_units(block, args, kwargs)
         if found is not None:
-            units, rows, width = found
-            itemsize = (args[0] if args else kwargs["hidden_states"]).element_size()
-            size = _units_per_chunk(units, rows, width, itemsize, max_chunk_bytes)
+            units, unit_bytes = found
+            size = _units_per_chunk(units, unit_bytes, max_chunk_bytes)
             block._chunk_size = None if size == units else size  # one chunk: the plain path, no concatenation
 
     try:

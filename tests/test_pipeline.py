@@ -21,8 +21,7 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 
 from mofa.errors import MofaInputError
 from mofa.pipelines.pipeline_mofa import MofaVideoPipeline, MofaVideoPipelineOutput
-from mofa.pipelines.runtime import chunked_feed_forward, single_key_cross_attention
-from tiny_models import build_tiny_pipeline, build_tiny_svd
+from tiny_models import build_tiny_pipeline, build_tiny_svd, pipeline_runtime
 
 STEPS = 3
 FRAMES = 6
@@ -71,34 +70,26 @@ def run(pipe, image, seed=0, **kwargs):
     return pipe(image, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
-def stock_svd(parts, image, seed=0, feature_extractor=None, chunked=True, shortcut=True, **kwargs):
-    """diffusers' SVD pipeline; ``chunked`` / ``shortcut`` = with our feed-forward chunking and single-key
-    cross-attention scopes on its UNet, as our pipeline runs by default (same arithmetic on both sides; otherwise the
-    outputs differ by float32 rounding that the random tiny UNet amplifies to ~1e-4..1e-3)."""
+def stock_svd(parts, image, seed=0, feature_extractor=None, runtime=True, **kwargs):
+    """diffusers' SVD pipeline; ``runtime`` = its UNet under our pipeline's default runtime scopes
+    (:func:`tiny_models.pipeline_runtime`)."""
     components = dict(parts)
     if feature_extractor is not None:
         components["feature_extractor"] = feature_extractor
     svd = StableVideoDiffusionPipeline(**components)
     svd.set_progress_bar_config(disable=True)
-    with (
-        chunked_feed_forward([svd.unet], enabled=chunked),
-        single_key_cross_attention([svd.unet], enabled=shortcut),
-    ):
-        return _call_stock(svd, image, seed, **kwargs)
-
-
-def _call_stock(svd, image, seed, **kwargs):
-    return svd(
-        image,
-        height=64,
-        width=64,
-        num_frames=FRAMES,
-        num_inference_steps=STEPS,
-        decode_chunk_size=8,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-        **kwargs,
-    ).frames
+    with pipeline_runtime(svd.unet, enabled=runtime):
+        return svd(
+            image,
+            height=64,
+            width=64,
+            num_frames=FRAMES,
+            num_inference_steps=STEPS,
+            decode_chunk_size=8,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+            **kwargs,
+        ).frames
 
 
 def test_output_shapes_and_range(zero_pipe, image, flow):
@@ -122,7 +113,7 @@ def test_zero_adapter_equals_stock_svd(parts, zero_pipe, image, flow):
     assert float((ours - stock).abs().max()) <= 1e-5
     # without feed-forward chunking and the cross-attention shortcut on both sides: diffusers' arithmetic throughout
     ours = run(zero_pipe, image, flow=flow, chunk_feed_forward=False, shortcut_cross_attention=False, **JOINT).frames
-    stock = stock_svd(parts, image, motion_bucket_id=128, chunked=False, shortcut=False)
+    stock = stock_svd(parts, image, motion_bucket_id=128, runtime=False)
     assert float((ours - stock).abs().max()) <= 1e-5
 
 

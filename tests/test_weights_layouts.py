@@ -14,10 +14,10 @@ from diffusers import StableVideoDiffusionPipeline
 from mofa.errors import MofaInputError
 from mofa.io import weights
 from mofa.pipelines.pipeline_mofa import MofaVideoPipeline
-from mofa.pipelines.runtime import chunked_feed_forward, single_key_cross_attention
 from tiny_models import (
     build_tiny_adapter,
     build_tiny_svd,
+    pipeline_runtime,
     save_adapter_folder,
     save_cmp_checkpoint,
     save_hybrid_tree,
@@ -80,11 +80,10 @@ def test_loaded_zero_adapter_pipeline_equals_stock_svd_from_same_folder(tmp_path
         root / "ckpts" / "mofa" / "stable-video-diffusion-img2vid-xt-1-1"
     )
     stock.set_progress_bar_config(disable=True)
-    # the same runtime settings on both sides: our feed-forward chunking and single-key cross-attention scopes on
-    # the stock UNet, guidance halves as one batch in ours (otherwise float32 rounding apart, amplified to ~1e-3 by
-    # the random tiny UNet)
+    # the same runtime settings on both sides: our default scopes on the stock UNet, guidance halves as one batch in
+    # ours (as stock SVD runs them)
     ours = generate(pipe, image, flow=torch.randn(5, 2, 64, 64), low_memory=False).frames
-    with chunked_feed_forward([stock.unet]), single_key_cross_attention([stock.unet]):
+    with pipeline_runtime(stock.unet):
         ref = stock(
             image,
             height=64,

@@ -8,6 +8,8 @@ the image, where the adapter's reference pyramid starts). All sizes run a 6-fram
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 
 from mofa.io.weights import CMP_CHECKPOINT_RELPATH
 from mofa.models.adapter import MofaAdapterModel
+from mofa.pipelines.runtime import chunked_feed_forward, single_key_cross_attention
 
 TINY_UNET = {
     "sample_size": 8,
@@ -180,3 +183,12 @@ def build_tiny_pipeline(parts: dict[str, Any] | None = None, zero_adapter: bool 
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def pipeline_runtime(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """A stock SVD UNet under the runtime scopes our pipeline applies by default (feed-forward chunking, single-key
+    cross-attention), so a comparison with ours has the same arithmetic on both sides: otherwise float32 rounding
+    apart, which the random tiny UNet amplifies to ~1e-4..1e-3."""
+    with chunked_feed_forward([unet], enabled=enabled), single_key_cross_attention([unet], enabled=enabled):
+        yield

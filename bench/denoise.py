@@ -12,13 +12,17 @@ and are not what is measured). Modes, each in a FRESH subprocess (so peak RSS is
 - ``cached_nchw``: reference features encoded + warped once per generation, otherwise as ``reference`` (isolates
   the caching);
 - ``ours``: the pipeline defaults — cached features, feed-forwards in chunks of at most 64 MiB, cross-attention to
-  the one CLIP token computed as its projected value, adapter residuals released after the UNet's down pass, and, on
-  a CPU, the guidance halves one after the other (``low_memory=None`` picks that on a CPU); with ``--huge-pages`` run
-  with ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out every convolution weight
-  into fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step at small sizes; at 256²
-  it does not speed a step up and costs working memory);
-- ``joint_guidance``: ours but the guidance halves as one batch of 2 (``low_memory=False``; the accelerator default);
-- ``low_memory``: ``low_memory=True`` explicitly (on a CPU the same as ``ours``);
+  the one CLIP token computed as its projected value, adapter residuals released after the UNet's down pass, freed
+  host memory kept in glibc's heap for reuse during the call (``retain_heap=True``; no page faults for each new large
+  tensor) and, on a CPU, the guidance halves one after the other (``low_memory=None`` picks that on a CPU); with
+  ``--huge-pages`` run with ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out
+  every convolution weight into fresh buffers on each call; with 4 KiB pages first-touching them dominates a CPU step
+  at small sizes; at 256² it does not speed a step up and costs working memory);
+- ``low_memory``: ``low_memory=True`` explicitly (on a CPU the same as ``ours``, so the two show the noise);
+- ``reference_heap``: ``reference`` with the retained heap — how much of the speed-up is the allocator setting alone
+  (which the reference could adopt too) and how much the rest of ours;
+- ``joint_guidance`` (on request): ours but the guidance halves as one batch of 2 (``low_memory=False``; the
+  accelerator default);
 - ``channels_last`` (on request): ours + channels-last convolutions (``channels_last=True``);
 - ``cached_nchw`` (on request): see above.
 
@@ -49,20 +53,21 @@ import tempfile
 import time
 from pathlib import Path
 
-_PLAIN = {"channels_last": False, "chunk_feed_forward": False, "shortcut_cross_attention": False}
+_PLAIN = {"channels_last": False, "chunk_feed_forward": False, "shortcut_cross_attention": False, "retain_heap": False}
 MODES = {
     "reference": {"cache_reference": False, "low_memory": False, **_PLAIN},
+    "reference_heap": {"cache_reference": False, "low_memory": False, **_PLAIN, "retain_heap": True},
     "cached_nchw": {"cache_reference": True, "low_memory": False, **_PLAIN},
     "ours": {"cache_reference": True},
     "joint_guidance": {"cache_reference": True, "low_memory": False},
     "channels_last": {"cache_reference": True, "channels_last": True},
     "low_memory": {"cache_reference": True, "low_memory": True},
 }
-DEFAULT_MODES = ("reference", "ours", "joint_guidance", "low_memory")
+DEFAULT_MODES = ("reference", "ours", "low_memory", "reference_heap")
 HUGE_PAGE_MODES = ("ours", "joint_guidance", "channels_last", "low_memory")
 """Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment with ``--huge-pages`` (as the ``mofa`` console script
 sets it)."""
-HOLD_RESIDUAL_MODES = ("reference", "cached_nchw")
+HOLD_RESIDUAL_MODES = ("reference", "reference_heap", "cached_nchw")
 """Modes that keep the adapter's residuals alive for the whole UNet call, as the reference pipeline does (its
 ``down_block_res_samples`` variable); the pipeline itself releases them after the UNet's down pass."""
 

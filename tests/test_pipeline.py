@@ -20,8 +20,9 @@ from diffusers import StableVideoDiffusionPipeline
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 
 from mofa.errors import MofaInputError
+from mofa.pipelines import runtime
 from mofa.pipelines.pipeline_mofa import MofaVideoPipeline, MofaVideoPipelineOutput
-from tiny_models import build_tiny_pipeline, build_tiny_svd, pipeline_runtime
+from tiny_models import FakeLibc, build_tiny_pipeline, build_tiny_svd, pipeline_runtime
 
 STEPS = 3
 FRAMES = 6
@@ -184,6 +185,24 @@ def test_low_memory_equals_batched_guidance(live_pipe64, image, flow):
         handle.remove()
     assert float((batched - low).abs().max()) <= 1e-10
     assert torch.equal(default, low)
+
+
+def test_retained_heap_spans_the_call_and_leaves_the_same_video(live_pipe64, image, flow, monkeypatch):
+    """``retain_heap`` (default on) holds the allocator setting while the UNet runs and drops it after the call;
+    the video is the same either way."""
+    monkeypatch.setattr(runtime, "_glibc", lambda: FakeLibc())  # count the scope on any C library
+    depths: list[int] = []
+    handle = live_pipe64.unet.register_forward_pre_hook(lambda _m, _a: depths.append(runtime._heap_depth))
+    try:
+        kept = run(live_pipe64, image, flow=flow).frames
+        assert depths and set(depths) == {1}
+        assert runtime._heap_depth == 0
+        depths.clear()
+        plain = run(live_pipe64, image, flow=flow, retain_heap=False).frames
+        assert depths and set(depths) == {0}
+    finally:
+        handle.remove()
+    assert torch.equal(kept, plain)
 
 
 def test_adapter_controls_the_video(parts, live_pipe, image, flow):

@@ -1,13 +1,21 @@
-"""Scoped runtime settings: channels-last convolutions, chunked feed-forward, single-key cross-attention — applied
-inside the block only, restored after, results unchanged."""
+"""Scoped runtime settings: channels-last convolutions, chunked feed-forward, single-key cross-attention, retained
+heap — applied inside the block only, restored after, results unchanged."""
 
 from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+from mofa.pipelines import runtime
 from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward, single_key_cross_attention
+from tiny_models import FakeLibc
 
 
 def _net() -> nn.Sequential:
@@ -159,3 +167,87 @@ def test_single_key_cross_attention_leaves_other_calls_alone():
     with pytest.raises(RuntimeError), single_key_cross_attention([spatial]):
         attn(x, encoder_hidden_states=torch.randn(2, 1, 7, dtype=torch.float64))  # wrong context width
     assert attn.processor is original
+
+
+HEAP_PROBE = """
+import json, os, resource, sys
+import torch
+from mofa.pipelines import runtime
+
+BLOCK = 96 * 2**20  # above glibc's largest dynamic mmap (32 MiB) and trim (64 MiB) thresholds
+
+
+def pair_faults():
+    # minor page faults of a 96 MiB tensor allocated, written and freed twice in a row, over four tries
+    counts = []
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(BLOCK // 4).fill_(1.0)
+        torch.empty(BLOCK // 4).fill_(2.0)
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return counts
+
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+out = {"before": pair_faults()}
+with runtime.retained_heap(enabled=False):
+    out["disabled"] = pair_faults()
+with runtime.retained_heap():
+    out["inside"] = pair_faults()
+    with runtime.retained_heap():
+        pass
+    out["after_nested"] = pair_faults()
+    rss_inside = rss()
+out["rss_freed"] = rss_inside - rss()
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(runtime._glibc() is None, reason="retained_heap acts on glibc only")
+def test_retained_heap_reuses_freed_blocks_inside_the_block_only():
+    """In a fresh process (so no earlier block has left reusable memory behind): before and with ``enabled=False``
+    glibc unmaps every freed 96 MiB block and the next one faults all its pages in again; inside, once the heap has
+    grown, the freed blocks are reused without a fault, also after a nested block ended; on exit the retained memory
+    goes back to the OS (RSS drops by at least a block)."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}  # 4 KiB pages: faults countable
+    done = subprocess.run(
+        [sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, env=env, check=True, timeout=120
+    )
+    out = json.loads(done.stdout)
+    pages = 96 * 2**20 // resource.getpagesize()
+    assert min(out["before"]) > pages and min(out["disabled"]) > pages  # each pair: two blocks faulted in
+    assert out["inside"][-1] < pages // 16 and out["after_nested"][-1] < pages // 16
+    assert out["rss_freed"] >= 96 * 2**20
+
+
+def test_retained_heap_disabled_or_without_glibc_is_a_no_op(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: libc)
+    with runtime.retained_heap(enabled=False):
+        assert runtime._heap_depth == 0
+    monkeypatch.setattr(runtime, "_glibc", lambda: None)
+    with runtime.retained_heap():
+        assert runtime._heap_depth == 0
+    assert libc.calls == []
+
+
+def test_retained_heap_restored_on_error(monkeypatch):
+    monkeypatch.setattr(runtime, "_glibc", lambda: FakeLibc())
+    with pytest.raises(RuntimeError, match="boom"), runtime.retained_heap():
+        assert runtime._heap_depth == 1
+        raise RuntimeError("boom")
+    assert runtime._heap_depth == 0
+
+
+def test_retained_heap_sets_and_restores_the_thresholds(monkeypatch):
+    """The allocator calls, on any platform: both thresholds to 1 GiB on entry (once for nested blocks); on exit
+    the values glibc's dynamic rule ends at (mmap 32 MiB, trim 64 MiB) and the retained memory trimmed."""
+    libc = FakeLibc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: libc)
+    with runtime.retained_heap(), runtime.retained_heap():
+        assert libc.calls == [("mallopt", -3, 2**30), ("mallopt", -1, 2**30)]
+    assert libc.calls[2:] == [("mallopt", -3, 32 * 2**20), ("mallopt", -1, 64 * 2**20), ("malloc_trim", 0)]

@@ -192,3 +192,18 @@ def pipeline_runtime(unet: torch.nn.Module, enabled: bool = True) -> Iterator[No
     apart, which the random tiny UNet amplifies to ~1e-4..1e-3."""
     with chunked_feed_forward([unet], enabled=enabled), single_key_cross_attention([unet], enabled=enabled):
         yield
+
+
+class FakeLibc:
+    """Stands in for glibc: records the allocator calls instead of making them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1

@@ -213,11 +213,16 @@ def invert_flow(
     r, jac, err = evaluate(flat, d)
     tol2 = tol**2
 
-    def offer(ids: torch.Tensor, cand: torch.Tensor, same_branch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def offer(
+        ids: torch.Tensor, cand: torch.Tensor, magnitude: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take ``cand`` where it fits better. ``magnitude`` (the flow magnitudes at the iteration's start) marks a
+        candidate from a neighbour, i.e. another branch: taken only where the current one has not converged or, with
+        ``prefer_moving``, where both converge and the candidate moves more; None = a refinement of the current one."""
         r_c, jac_c, err_c = evaluate(ids, cand)
         current = err[ids]
         better = err_c < current
-        if not same_branch:
+        if magnitude is not None:
             better &= current >= tol2
             if prefer_moving:
                 gain = torch.hypot(cand[:, 0], cand[:, 1]) - magnitude[ids]
@@ -241,11 +246,11 @@ def invert_flow(
         ids = active.nonzero().squeeze(1)
         if ids.numel() == 0:
             break
-        offer(ids, d[ids] + _solve_forward_jacobian(jac[ids], r[ids]), same_branch=True)
+        offer(ids, d[ids] + _solve_forward_jacobian(jac[ids], r[ids]))
         nb = neighbour[ids]
         offset = torch.stack([px[ids] - px[nb], py[ids] - py[nb]], dim=1)
         cand = d[nb] + offset - _solve_forward_jacobian(jac[nb], offset)
-        r_c, jac_c = offer(ids, cand, same_branch=False)
-        offer(ids, cand + _solve_forward_jacobian(jac_c, r_c), same_branch=False)
+        r_c, jac_c = offer(ids, cand, magnitude)
+        offer(ids, cand + _solve_forward_jacobian(jac_c, r_c), magnitude)
     backward = d.view(n, height, width, 2).permute(0, 3, 1, 2).contiguous()
     return backward, err.sqrt().view(n, 1, height, width)

@@ -17,8 +17,10 @@ Differences from the reference that change speed/memory but not results:
 - cross-attention to the single CLIP token is computed as that token's projected value (``shortcut_cross_attention``;
   a softmax over one key is exactly 1, so the per-token queries and the attention kernel are skipped);
 - ``low_memory=True`` runs the two classifier-free-guidance halves one after the other (batch 1 each) instead of as one
-  batch of 2 (the default on a CPU, where it is also faster); combine with ``enable_model_cpu_offload()`` on an
-  accelerator.
+  batch of 2 (the default on a CPU, where it halves the working memory at the same step time); combine with
+  ``enable_model_cpu_offload()`` on an accelerator;
+- with glibc, freed host memory stays in the heap for reuse during the call (``retain_heap``): no page faults for each
+  new large tensor.
 """
 
 from __future__ import annotations
@@ -487,9 +489,9 @@ class MofaVideoPipeline(DiffusionPipeline):
             reference_mode: reproduce the original pipeline's numerics (spec §7): time ids fixed to [6, 128, 0.02],
                 un-normalised CLIP input, the reference's uniform window blend including its duplicated last window.
             low_memory: run the two guidance halves sequentially (batch 1 each) instead of as one batch of 2. Same
-                output. ``None`` (default): sequentially on a CPU, where it was measured both faster (1.07-1.16x per
-                step at 256x256 × 14 frames; smaller activations, fewer page faults) and leaner (0.58 vs 1.18 GiB
-                working memory, docs/benchmarks.md), as one batch on accelerators.
+                output. ``None`` (default): sequentially on a CPU, where it needs about half the working memory
+                (256x256 × 14 frames: 0.68 vs 1.48 GiB with ``retain_heap``) at the same step time (89.8 vs 88.9 s;
+                at 128x128 the batch was ~7% faster; docs/benchmarks.md); as one batch on accelerators.
             window_size, window_stride: sliding-window length (default ``unet.config.num_frames``) and stride
                 (default ``window_size // 2``).
             window_blend: ``"ramp"`` (default; triangular cross-fade of overlapping windows) or ``"uniform"`` (the
@@ -500,15 +502,17 @@ class MofaVideoPipeline(DiffusionPipeline):
                 be faster with oneDNN or cuDNN; same output up to float32 summation order; see pipelines/runtime.py).
             chunk_feed_forward: run the UNet's and adapter's transformer feed-forwards on a few samples / frames at a
                 time, chunks of at most 64 MiB (default): their inner tensor is the largest activation of a step
-                (2.1 GB at 512x512 × 25 frames under guidance), and the chunks are also faster on a CPU. Same output
-                up to float32 summation order; ``False`` = diffusers' default.
+                (2.1 GB at 512x512 × 25 frames under guidance); with glibc's default allocator they were also 1.12x
+                faster on a CPU, with ``retain_heap`` the same speed. Same output up to float32 summation order;
+                ``False`` = diffusers' default.
             shortcut_cross_attention: compute the UNet's and adapter's cross-attention to the one CLIP token as
                 ``to_out(to_v(token))`` for every query (default; exact, since a softmax over one key is 1). Same
                 output up to float32 summation order; ``False`` runs the full attention like the reference.
             retain_heap: with glibc (Linux), keep freed host memory in the heap for reuse during the call instead of
                 unmapping it and faulting it in again for the next large tensor (default; a CPU step at 128x128 × 14
-                frames took 0.75x the time, same peak RSS); the memory is handed back when the call ends. Changes
-                allocator settings process-wide while the call runs; no-op elsewhere. See pipelines/runtime.py.
+                frames ran 1.21x faster, the reference's settings at 256x256 1.23x); the memory is handed back when
+                the call ends. Changes allocator settings process-wide while the call runs; no-op elsewhere. See
+                pipelines/runtime.py.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict`` after every step; a returned
                 ``"latents"`` replaces the latents.
 

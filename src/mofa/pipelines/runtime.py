@@ -29,7 +29,8 @@ whose inner tensor fits ``max_chunk_bytes`` (64 MiB): one sample or frame at a t
 low-resolution blocks re-read their large weights (52 MB for a 1280-channel GEGLU) for a few rows each — a step
 was 10-15% SLOWER than unchunked on a CPU — while 64 MiB chunks are faster than unchunked (a 128x128 × 14-frame
 step at 1 thread: 0.88x the unchunked CPU time, against 1.16x for one unit at a time; the intermediates stay small
-enough to be reused by the allocator and to sit in cache).
+enough to be reused by the allocator and to sit in cache). Under :func:`retained_heap`, where the allocator reuses
+large blocks too, chunked and unchunked steps ran at the same speed (128x128, 2 threads): the chunks are for memory.
 
 **Single-key cross-attention.** SVD conditions on one CLIP image embedding: every cross-attention (``attn2`` of the
 spatial and temporal transformer blocks, in the UNet and in the adapter) attends from all ``N`` tokens to a context of
@@ -43,15 +44,17 @@ training-mode dropout, 4-D inputs, group/spatial norm) goes to the wrapped proce
 **Retained heap.** glibc's ``malloc`` serves every block above its mmap threshold (dynamic, at most 32 MiB on 64-bit)
 with a fresh ``mmap`` and unmaps it on ``free``; the next tensor of that size faults all its pages in again, each one
 zeroed by the kernel. A denoising step allocates and frees many such tensors (activations, GEGLU inner tensors,
-oneDNN's re-laid-out convolution weights), so on a CPU a 128x128 × 14-frame step took 1.7-1.9 M minor page faults and
-5.6-6.9 s of system time besides ~60 s of user time. Within the block the threshold is raised (``M_MMAP_THRESHOLD``
-1 GiB, ``M_TRIM_THRESHOLD`` 1 GiB) so large blocks come from the heap and freed ones are reused: the same step then
-took < 2 k faults, 0.1-0.2 s of system time and 0.75x the wall time, at the same peak RSS (measured in one process
-per setting, three steps each; ``bench/denoise.py`` for the whole step). On exit the thresholds go back to the values
-glibc's dynamic rule settles at after a 32 MiB block is freed (mmap 32 MiB, trim 64 MiB) and ``malloc_trim(0)`` hands
-the retained memory back, so the process does not stay at its peak. The settings are process-wide for the duration
-of the block (other threads allocating meanwhile share them); nested blocks apply them once. Where the C library is
-not glibc (macOS, Windows, musl) the block is a no-op.
+oneDNN's re-laid-out convolution weights), so on a CPU a 128x128 × 14-frame step took 1.5-1.8 M minor page faults and
+5-8 s of system time besides ~55-60 s of user time. Within the block both thresholds (``M_MMAP_THRESHOLD``,
+``M_TRIM_THRESHOLD``) are 1 GiB, so large blocks come from the heap and freed ones are reused: the same step
+(pipeline defaults, three alternating pairs in one process) then took < 7 k faults and 0.15 s of system time and ran
+1.21x faster (27.5 vs 33.4 s wall, 53.8 vs 64.8 s CPU). At 256x256 × 14 frames it made the reference's settings 1.23x
+faster (``bench/denoise.py``, mode ``reference_heap``) at 1.13x their working memory (freed blocks wait in the heap
+instead of going back to the OS). On exit the thresholds go back to the values glibc's dynamic rule settles at after a
+32 MiB block is freed (mmap 32 MiB, trim 64 MiB) and ``malloc_trim(0)`` hands the retained memory back, so the process
+does not stay at its peak. The settings are process-wide for the duration of the block (other threads allocating
+meanwhile share them); nested blocks apply them once. Where the C library is not glibc (macOS, Windows, musl) the
+block is a no-op.
 """
 
 from __future__ import annotations

@@ -174,11 +174,11 @@ import json, os, resource, sys
 import torch
 from mofa.pipelines import runtime
 
-BLOCK = 96 * 2**20  # above glibc's largest dynamic mmap (32 MiB) and trim (64 MiB) thresholds
+BLOCK = int(sys.argv[1])
 
 
 def pair_faults():
-    # minor page faults of a 96 MiB tensor allocated, written and freed twice in a row, over four tries
+    # minor page faults of a BLOCK-byte tensor allocated, written and freed twice in a row, over four tries
     counts = []
     for _ in range(4):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -205,6 +205,8 @@ with runtime.retained_heap():
 out["rss_freed"] = rss_inside - rss()
 json.dump(out, sys.stdout)
 """
+PROBE_BLOCK_BYTES = 96 * 2**20
+"""Above glibc's largest dynamic mmap (32 MiB) and trim (64 MiB) thresholds: mmapped afresh by default."""
 
 
 @pytest.mark.skipif(runtime._glibc() is None, reason="retained_heap acts on glibc only")
@@ -214,14 +216,13 @@ def test_retained_heap_reuses_freed_blocks_inside_the_block_only():
     grown, the freed blocks are reused without a fault, also after a nested block ended; on exit the retained memory
     goes back to the OS (RSS drops by at least a block)."""
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}  # 4 KiB pages: faults countable
-    done = subprocess.run(
-        [sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, env=env, check=True, timeout=120
-    )
+    probe = [sys.executable, "-c", HEAP_PROBE, str(PROBE_BLOCK_BYTES)]
+    done = subprocess.run(probe, capture_output=True, text=True, env=env, check=True, timeout=120)
     out = json.loads(done.stdout)
-    pages = 96 * 2**20 // resource.getpagesize()
+    pages = PROBE_BLOCK_BYTES // resource.getpagesize()
     assert min(out["before"]) > pages and min(out["disabled"]) > pages  # each pair: two blocks faulted in
     assert out["inside"][-1] < pages // 16 and out["after_nested"][-1] < pages // 16
-    assert out["rss_freed"] >= 96 * 2**20
+    assert out["rss_freed"] >= PROBE_BLOCK_BYTES
 
 
 def test_retained_heap_disabled_or_without_glibc_is_a_no_op(monkeypatch):

@@ -60,6 +60,7 @@ block is a no-op.
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import sys
 import threading
@@ -241,8 +242,10 @@ _heap_lock = threading.Lock()
 _heap_depth = 0
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The process's C library when it is glibc with ``mallopt`` and ``malloc_trim``, else None."""
+    """The process's C library when it is glibc with ``mallopt`` and ``malloc_trim``, else None. Looked up once:
+    ``platform.libc_ver`` reads the interpreter's executable, not something to repeat on every pipeline call."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -252,9 +255,10 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def _set_thresholds(libc: ctypes.CDLL, mmap_bytes: int, trim_bytes: int) -> bool:
-    """Both thresholds set; False when glibc refuses either (then the block changes nothing more)."""
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes))
+def _set_thresholds(libc: ctypes.CDLL, mmap_bytes: int, trim_bytes: int) -> None:
+    """Both thresholds; a value glibc refuses leaves that threshold as it was (mallopt returns 0, nothing else)."""
+    libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)
+    libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes)
 
 
 @contextmanager

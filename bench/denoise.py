@@ -154,9 +154,15 @@ def build_pipeline(dtype_name: str):
     return pipe
 
 
+def _step_times(stamps: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of every step from the stamps taken at the start and after each step; the first also holds
+    the call's setup."""
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
 def _warm_step(stamps: list[tuple[float, float]], clock: int) -> float:
     """Median step time on one clock (0 wall, 1 CPU), without the first interval (setup + the cold step 1)."""
-    steps = [b[clock] - a[clock] for a, b in zip(stamps, stamps[1:], strict=False)]
+    steps = [step[clock] for step in _step_times(stamps)]
     return statistics.median(steps[1:] or steps)
 
 
@@ -216,7 +222,7 @@ def worker(mode: str, size: int, frames: int, steps: int, dtype_name: str, out: 
     torch.save(latents.float(), out)
     print(json.dumps({
         "mode": mode, "sec_per_step": _warm_step(stamps, 0), "call_sec": total,
-        "step_secs": [round(b[0] - a[0], 2) for a, b in zip(stamps, stamps[1:], strict=False)],
+        "step_secs": [round(wall, 2) for wall, _ in _step_times(stamps)],
         "cpu_sec_per_step": _warm_step(stamps, 1),
         "peak_rss_gib": peak / 2**20, "rss_before_gib": rss_before / 2**20,
         "peak_extra_gib": (peak - rss_before) / 2**20,
@@ -237,7 +243,7 @@ def speed_worker(modes: list[str], size: int, frames: int, steps: int, rounds: i
         for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
             current["mode"] = mode
             _, stamps = _timed_call(pipe, mode, image, flow, frames, steps)
-            warm = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+            warm = _step_times(stamps)[1:]
             times[mode].append(warm)
             print(
                 f"  round {r + 1}/{rounds} {mode}: " + ", ".join(f"{w:.2f}" for w, _ in warm) + " s", file=sys.stderr
@@ -273,11 +279,16 @@ def _run_worker(args: argparse.Namespace, mode: str, out: Path) -> dict:
     return result
 
 
+def _median_step(calls: list[list[list[float]]], clock: int = 0) -> float:
+    """Median warm step of a mode's speed-phase calls (each a list of (wall, CPU) pairs) on one clock."""
+    return statistics.median(step[clock] for call in calls for step in call)
+
+
 def _speed_ratios(times: dict[str, list[list[list[float]]]], mode: str, clock: int) -> float:
     """Median over rounds of (reference's warm step / mode's warm step) on one clock, each round's step time being
     the median of its warm steps: every ratio compares calls made minutes apart at most."""
     ratios = [
-        statistics.median(s[clock] for s in ref) / statistics.median(s[clock] for s in own)
+        _median_step([ref], clock) / _median_step([own], clock)
         for ref, own in zip(times["reference"], times[mode], strict=True)
     ]
     return statistics.median(ratios)
@@ -347,7 +358,7 @@ def main() -> None:
         line = f"{m:>14}: fresh process {r['sec_per_step']:7.2f} s/step ({fresh:.2f}x)"
         if m in times:
             speed, cpu_speed = _speed_ratios(times, m, 0), _speed_ratios(times, m, 1)
-            own = statistics.median(s[0] for call in times[m] for s in call)
+            own = _median_step(times[m])
             line += f", alternating {own:7.2f} s/step ({speed:.2f}x; CPU time {cpu_speed:.2f}x)"
             if m != "reference":
                 fields += [f"speedup_{m}={speed:.3f}", f"cpu_speedup_{m}={cpu_speed:.3f}"]
@@ -363,7 +374,7 @@ def main() -> None:
                 f"rss_ratio_{m}={total:.3f}",
             ]
             fields.append(f"max_abs_diff_{m}={diff:.1e}")
-    ref_step = statistics.median(s[0] for call in times["reference"] for s in call) if times else ref["sec_per_step"]
+    ref_step = _median_step(times["reference"]) if times else ref["sec_per_step"]
     fields += [
         f"ref_sec_per_step={ref_step:.2f}", f"ref_work_mem_gib={ref['peak_extra_gib']:.3f}",
         f"size={args.size}", f"frames={args.frames}", f"steps={args.steps}", f"rounds={args.rounds if times else 0}",

@@ -196,18 +196,22 @@ def test_low_memory_equals_batched_guidance(live_pipe64, image, flow):
 
 
 def test_retained_heap_spans_the_call_and_leaves_the_same_video(live_pipe64, image, flow, monkeypatch):
-    """``retain_heap`` (default on) holds the allocator setting while the UNet runs and drops it after the call;
-    the video is the same either way."""
-    monkeypatch.setattr(runtime, "_glibc", lambda: FakeLibc())  # count the scope on any C library
+    """``retain_heap`` (default on) holds the allocator setting while the UNet runs, trims the heap after every
+    step and drops the setting after the call; the video is the same either way."""
+    libc = FakeLibc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: libc)  # count the scope and the trims on any C library
     depths: list[int] = []
     handle = live_pipe64.unet.register_forward_pre_hook(lambda _m, _a: depths.append(runtime._heap_depth))
     try:
         kept = run(live_pipe64, image, flow=flow).frames
         assert depths and set(depths) == {1}
         assert runtime._heap_depth == 0
+        assert libc.calls.count(("malloc_trim", 0)) == STEPS + 1  # after each step, and on exit
         depths.clear()
+        libc.calls.clear()
         plain = run(live_pipe64, image, flow=flow, retain_heap=False).frames
         assert depths and set(depths) == {0}
+        assert libc.calls == []
     finally:
         handle.remove()
     assert torch.equal(kept, plain)

@@ -14,7 +14,7 @@ from torch import nn
 
 from mofa.pipelines import runtime
 from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward, single_key_cross_attention
-from tiny_models import FakeLibc
+from tiny_models import FakeGlibc233, FakeLibc
 
 
 def _net() -> nn.Sequential:
@@ -201,12 +201,13 @@ out = {"before": pair_faults()}
 with runtime.retained_heap(enabled=False):
     out["disabled"] = pair_faults()
 with runtime.retained_heap():
+    out["noted"] = runtime.trim_retained_heap()  # notes the heap's size, trims nothing
     out["inside"] = pair_faults()
     with runtime.retained_heap():
         pass
     out["after_nested"] = pair_faults()
     rss_inside = rss()
-    runtime.trim_retained_heap()
+    out["trimmed"] = runtime.trim_retained_heap()  # the heap grew by a block since: trims
     out["rss_trimmed"] = rss_inside - rss()
     out["after_trim"] = pair_faults()
     rss_inside = rss()
@@ -235,12 +236,14 @@ def test_retained_heap_reuses_freed_blocks_inside_the_block_only():
     done = subprocess.run(probe, capture_output=True, text=True, check=True, timeout=120)
     out = json.loads(done.stdout)
     pages = PROBE_BLOCK_BYTES // resource.getpagesize()
-    assert min(out["before"]) > pages and min(out["disabled"]) > pages  # each pair: two blocks faulted in
-    assert out["inside"][0] >= pages * 3 // 4  # the heap grows by one block, the second one reuses it
-    assert max(out["inside"][1:] + out["after_nested"]) < pages // 16
-    assert out["rss_trimmed"] >= PROBE_BLOCK_BYTES
-    assert out["after_trim"][0] >= pages * 3 // 4 and max(out["after_trim"][1:]) < pages // 16
-    assert out["rss_freed"] >= PROBE_BLOCK_BYTES
+    assert min(out["before"]) > pages and min(out["disabled"]) > pages, out  # each pair: two blocks faulted in
+    assert out["inside"][0] >= pages * 3 // 4, out  # the heap grows by one block, the second one reuses it
+    assert max(out["inside"][1:] + out["after_nested"]) < pages // 16, out
+    noting = hasattr(runtime._glibc(), "mallinfo2")  # glibc 2.33+: the first call only notes the heap's size
+    assert (out["noted"], out["trimmed"]) == (not noting, True)
+    assert out["rss_trimmed"] >= PROBE_BLOCK_BYTES, out
+    assert out["after_trim"][0] >= pages * 3 // 4 and max(out["after_trim"][1:]) < pages // 16, out
+    assert out["rss_freed"] >= PROBE_BLOCK_BYTES, out
 
 
 def test_retained_heap_disabled_or_without_glibc_is_a_no_op(monkeypatch):
@@ -273,12 +276,29 @@ def test_retained_heap_sets_and_restores_the_thresholds(monkeypatch):
 
 
 def test_trim_retained_heap_acts_inside_the_block_only(monkeypatch):
+    """Without ``mallinfo2`` (glibc < 2.33) every call inside the block trims; outside it, none does."""
     libc = FakeLibc()
     monkeypatch.setattr(runtime, "_glibc", lambda: libc)
     assert runtime.trim_retained_heap() is False
     with runtime.retained_heap():
         assert runtime.trim_retained_heap() is True
         assert libc.calls[-1] == ("malloc_trim", 0)
+        assert runtime.trim_retained_heap() is True
     with runtime.retained_heap(enabled=False):
         assert runtime.trim_retained_heap() is False
-    assert libc.calls.count(("malloc_trim", 0)) == 2  # the one asked for inside, the one on exit
+    assert libc.calls.count(("malloc_trim", 0)) == 3  # the two asked for inside, the one on exit
+
+
+def test_trim_retained_heap_trims_only_when_the_heap_grew(monkeypatch):
+    """With ``mallinfo2``: the first call of a block notes the heap's size; later calls trim only when it has grown
+    since the previous call; a new block starts noting afresh."""
+    libc = FakeGlibc233()
+    monkeypatch.setattr(runtime, "_glibc", lambda: libc)
+    trimmed = []
+    for _ in range(2):
+        with runtime.retained_heap():
+            for heap in (100, 100, 120, 120, 110, 130):
+                libc.heap = heap
+                trimmed.append(runtime.trim_retained_heap())
+    assert trimmed == [False, False, True, False, False, True] * 2
+    assert libc.calls.count(("malloc_trim", 0)) == 2 * (2 + 1)  # two grown steps and the exit, per block

@@ -24,6 +24,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 
 from mofa.io.weights import CMP_CHECKPOINT_RELPATH
 from mofa.models.adapter import MofaAdapterModel
+from mofa.pipelines import runtime
 from mofa.pipelines.runtime import chunked_feed_forward, single_key_cross_attention
 
 TINY_UNET = {
@@ -207,3 +208,14 @@ class FakeLibc:
     def malloc_trim(self, pad: int) -> int:
         self.calls.append(("malloc_trim", pad))
         return 1
+
+
+class FakeGlibc233(FakeLibc):
+    """:class:`FakeLibc` with ``mallinfo2`` (glibc 2.33+): the heap size it reports is the ``heap`` attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heap = 0
+
+    def mallinfo2(self) -> runtime._MallInfo2:
+        return runtime._MallInfo2(arena=self.heap)

@@ -257,6 +257,19 @@ _GLIBC_DYNAMIC_MAX = (32 * 2**20, 64 * 2**20)
 """(mmap, trim) thresholds restored on exit: where glibc's dynamic rule ends on 64-bit once a 32 MiB block is freed."""
 _heap_lock = threading.Lock()
 _heap_depth = 0
+_heap_seen: int | None = None
+"""Heap size at the last :func:`trim_retained_heap` in the current block (None: not yet noted)."""
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (2.33+): allocator statistics in ``size_t`` fields."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+        )
+    ]  # fmt: skip
 
 
 @functools.cache
@@ -267,6 +280,8 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(None)
+        if hasattr(libc, "mallinfo2"):
+            libc.mallinfo2.restype = _MallInfo2
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
@@ -284,7 +299,7 @@ def retained_heap(enabled: bool = True) -> Iterator[None]:
     (no page faults for a tensor the size of one just freed); on exit the retained memory is handed back with
     ``malloc_trim``. Process-wide while it lasts; a no-op without glibc or with ``enabled=False``. See the module
     docstring for the measurements."""
-    global _heap_depth
+    global _heap_depth, _heap_seen
     libc = _glibc() if enabled else None
     if libc is None:
         yield
@@ -292,6 +307,7 @@ def retained_heap(enabled: bool = True) -> Iterator[None]:
     with _heap_lock:
         _heap_depth += 1
         if _heap_depth == 1:
+            _heap_seen = None
             _set_thresholds(libc, HEAP_THRESHOLD_BYTES, HEAP_THRESHOLD_BYTES)
     try:
         yield
@@ -303,17 +319,31 @@ def retained_heap(enabled: bool = True) -> Iterator[None]:
                 libc.malloc_trim(0)
 
 
-def trim_retained_heap() -> bool:
-    """Inside :func:`retained_heap`, hand the free pages of the heap back to the OS now (``malloc_trim(0)``: the
-    unused top and the page-aligned interior of every free chunk), keeping the thresholds; True if it trimmed.
+def _heap_size(libc: ctypes.CDLL) -> int | None:
+    """Bytes the heap has taken from the OS (``mallinfo2().arena``, all arenas), or None before glibc 2.33."""
+    mallinfo2 = getattr(libc, "mallinfo2", None)
+    return None if mallinfo2 is None else int(mallinfo2().arena)
 
-    Meant between denoising steps: within a step freed blocks are reused without page faults, and the next step
-    faults its working set in once, instead of the heap growing step after step. It grows because torch's 64-byte
-    aligned allocations leave small slivers beside each block that glibc's per-thread cache holds, so a freed block
-    may not merge with its neighbours and a later request of the same size may not fit it (see the module
-    docstring). A no-op (False) outside the block or without glibc."""
+
+def trim_retained_heap() -> bool:
+    """Inside :func:`retained_heap`, if the heap has grown since the previous call in the block, hand its free pages
+    back to the OS now (``malloc_trim(0)``: the unused top and the page-aligned interior of every free chunk), keeping
+    the thresholds; True if it trimmed. The first call in a block only notes the heap's size; without ``mallinfo2``
+    (glibc < 2.33) every call trims.
+
+    Meant between denoising steps. Once the heap holds a step's working set, later steps reuse it without page faults
+    and the heap stays the same size: nothing to do. It grows again when a freed block could not be reused, because
+    torch's 64-byte aligned allocations leave small slivers beside each block that glibc's per-thread cache holds (see
+    the module docstring); trimming then keeps the retained heap from creeping up step after step, at the price of
+    faulting the working set in once more in the next step. A no-op (False) outside the block or without glibc."""
+    global _heap_seen
     libc = _glibc() if _heap_depth > 0 else None
     if libc is None:
         return False
-    libc.malloc_trim(0)
-    return True
+    size = _heap_size(libc)
+    with _heap_lock:
+        grown = size is None or (_heap_seen is not None and size > _heap_seen)
+        _heap_seen = size
+    if grown:
+        libc.malloc_trim(0)
+    return grown

@@ -76,7 +76,8 @@ MODES = {
 }
 DEFAULT_MODES = ("reference", "ours", "low_memory", "reference_heap")
 DEFAULT_SPEED_MODES = ("reference", "ours", "reference_heap")
-"""On a CPU ``low_memory`` is the same settings as ``ours``: its speed is not timed again by default."""
+"""On a CPU ``low_memory`` differs from ``ours`` only in emptying the retained heap after every step (an explicit
+``low_memory=True``): its speed is not timed again by default."""
 HUGE_PAGE_MODES = ("ours", "joint_guidance", "channels_last", "low_memory")
 """Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment with ``--huge-pages`` (as the ``mofa`` console script
 sets it)."""

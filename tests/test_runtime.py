@@ -291,7 +291,7 @@ def test_trim_retained_heap_acts_inside_the_block_only(monkeypatch):
 
 def test_trim_retained_heap_trims_only_when_the_heap_grew(monkeypatch):
     """With ``mallinfo2``: the first call of a block notes the heap's size; later calls trim only when it has grown
-    since the previous call; a new block starts noting afresh."""
+    since the previous call; a new block starts noting afresh; ``always=True`` trims every time."""
     libc = FakeGlibc233()
     monkeypatch.setattr(runtime, "_glibc", lambda: libc)
     trimmed = []
@@ -301,4 +301,7 @@ def test_trim_retained_heap_trims_only_when_the_heap_grew(monkeypatch):
                 libc.heap = heap
                 trimmed.append(runtime.trim_retained_heap())
     assert trimmed == [False, False, True, False, False, True] * 2
-    assert libc.calls.count(("malloc_trim", 0)) == 2 * (2 + 1)  # two grown steps and the exit, per block
+    with runtime.retained_heap():
+        assert runtime.trim_retained_heap(always=True) is True  # whatever the heap did
+        assert runtime.trim_retained_heap(always=True) is True
+    assert libc.calls.count(("malloc_trim", 0)) == 2 * (2 + 1) + 3  # two grown steps and the exit per block; 2 + 1

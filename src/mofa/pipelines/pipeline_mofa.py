@@ -19,8 +19,8 @@ Differences from the reference that change speed/memory but not results:
 - ``low_memory=True`` runs the two classifier-free-guidance halves one after the other (batch 1 each) instead of as one
   batch of 2 (the default on a CPU, where it halves the working memory at the same step time); combine with
   ``enable_model_cpu_offload()`` on an accelerator;
-- with glibc, freed host memory stays in the heap for reuse during each step (``retain_heap``): no page faults for
-  each new large tensor; the free pages go back to the OS between steps, so the heap does not creep up.
+- with glibc, freed host memory stays in the heap for reuse during the call (``retain_heap``): no page faults for
+  each new large tensor; after a step that grew the heap its free pages go back to the OS, so it does not creep up.
 """
 
 from __future__ import annotations
@@ -492,7 +492,9 @@ class MofaVideoPipeline(DiffusionPipeline):
             low_memory: run the two guidance halves sequentially (batch 1 each) instead of as one batch of 2. Same
                 output. ``None`` (default): sequentially on a CPU, where it needs about half the working memory
                 (256x256 × 14 frames: 0.68 vs 1.48 GiB with ``retain_heap``) at the same step time (89.8 vs 88.9 s;
-                at 128x128 the batch was ~7% faster; docs/benchmarks.md); as one batch on accelerators.
+                at 128x128 the batch was ~7% faster; docs/benchmarks.md); as one batch on accelerators. ``True``
+                (asked for) also empties the retained heap after every step (``retain_heap``), so no step builds on
+                the previous one's fragments: the lowest peak, at a few percent of speed on a CPU.
             window_size, window_stride: sliding-window length (default ``unet.config.num_frames``) and stride
                 (default ``window_size // 2``).
             window_blend: ``"ramp"`` (default; triangular cross-fade of overlapping windows) or ``"uniform"`` (the
@@ -512,8 +514,8 @@ class MofaVideoPipeline(DiffusionPipeline):
             retain_heap: with glibc (Linux), keep freed host memory in the heap for reuse during the call instead of
                 unmapping it and faulting it in again for the next large tensor (default; a CPU step at 128x128 × 14
                 frames ran 1.21x faster, the reference's settings at 256x256 1.23x); the free pages are handed back
-                after every step and when the call ends. Changes allocator settings process-wide while the call runs;
-                no-op elsewhere. See pipelines/runtime.py.
+                after a step that grew the heap and when the call ends. Changes allocator settings process-wide while
+                the call runs; no-op elsewhere. See pipelines/runtime.py.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict`` after every step; a returned
                 ``"latents"`` replaces the latents.
 
@@ -540,6 +542,7 @@ class MofaVideoPipeline(DiffusionPipeline):
         decode_chunk_size = decode_chunk_size or num_frames
         device = self._execution_device
         cfg = sampling.do_cfg(max_guidance_scale)
+        trim_every_step = low_memory is True  # asked for: the retained heap is also emptied after every step
         if low_memory is None:
             low_memory = device.type == "cpu"
 
@@ -611,7 +614,7 @@ class MofaVideoPipeline(DiffusionPipeline):
                             self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}
                         )
                         latents = (outputs or {}).get("latents", latents)
-                    trim_retained_heap()
+                    trim_retained_heap(always=trim_every_step)
                     progress_bar.update()
 
             # 5. decode

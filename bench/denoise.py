@@ -7,12 +7,14 @@ and are not what is measured). Modes (same seed and weights in all):
 - ``reference``: the original MOFA-Video way — every step re-encodes and re-warps the first-frame feature pyramid
   (``cache_reference=False``), both guidance halves as one batch of 2, NCHW convolutions (``channels_last=False``),
   whole-batch feed-forwards (``chunk_feed_forward=False``), full attention to the one CLIP token
-  (``shortcut_cross_attention=False``), the adapter's residuals held for the whole UNet call (a hook keeps references,
-  as the reference pipeline's variables do; the pipeline releases them after the UNet's down pass);
+  (``shortcut_cross_attention=False``), torch's stock linear layers (MKL's ``addmm``; ``onednn_linear=False``), the
+  adapter's residuals held for the whole UNet call (a hook keeps references, as the reference pipeline's variables
+  do; the pipeline releases them after the UNet's down pass);
 - ``cached_nchw``: reference features encoded + warped once per generation, otherwise as ``reference`` (isolates
   the caching);
 - ``ours``: the pipeline defaults — cached features, feed-forwards in chunks of at most 64 MiB, cross-attention to
-  the one CLIP token computed as its projected value, adapter residuals released after the UNet's down pass, freed
+  the one CLIP token computed as its projected value, float32 linear layers through oneDNN with the bias fused
+  (``onednn_linear=None`` picks that on a CPU), adapter residuals released after the UNet's down pass, freed
   host memory kept in glibc's heap for reuse during the call (``retain_heap=True``; no page faults for each new large
   tensor) and, on a CPU, the guidance halves one after the other (``low_memory=None`` picks that on a CPU); with
   ``--huge-pages`` run with ``THP_MEM_ALLOC_ENABLE=1`` as the ``mofa`` console script sets it (oneDNN re-lays out
@@ -21,6 +23,8 @@ and are not what is measured). Modes (same seed and weights in all):
 - ``low_memory``: ``low_memory=True`` explicitly (on a CPU the same as ``ours``, so the two show the noise);
 - ``reference_heap``: ``reference`` with the retained heap — how much of the speed-up is the allocator setting alone
   (which the reference could adopt too) and how much the rest of ours;
+- ``reference_onednn`` (on request): ``reference`` with the oneDNN linear layers — how much of the speed-up is the
+  matrix-product library alone (which the reference could adopt too);
 - ``joint_guidance`` (on request): ours but the guidance halves as one batch of 2 (``low_memory=False``; the
   accelerator default);
 - ``channels_last`` (on request): ours + channels-last convolutions (``channels_last=True``);
@@ -64,10 +68,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-_PLAIN = {"channels_last": False, "chunk_feed_forward": False, "shortcut_cross_attention": False, "retain_heap": False}
+_PLAIN = {
+    "channels_last": False,
+    "chunk_feed_forward": False,
+    "shortcut_cross_attention": False,
+    "retain_heap": False,
+    "onednn_linear": False,
+}
 MODES = {
     "reference": {"cache_reference": False, "low_memory": False, **_PLAIN},
     "reference_heap": {"cache_reference": False, "low_memory": False, **_PLAIN, "retain_heap": True},
+    "reference_onednn": {"cache_reference": False, "low_memory": False, **_PLAIN, "onednn_linear": True},
     "cached_nchw": {"cache_reference": True, "low_memory": False, **_PLAIN},
     "ours": {"cache_reference": True},
     "joint_guidance": {"cache_reference": True, "low_memory": False},
@@ -81,7 +92,7 @@ DEFAULT_SPEED_MODES = ("reference", "ours", "reference_heap")
 HUGE_PAGE_MODES = ("ours", "joint_guidance", "channels_last", "low_memory")
 """Modes run with ``THP_MEM_ALLOC_ENABLE=1`` in the environment with ``--huge-pages`` (as the ``mofa`` console script
 sets it)."""
-HOLD_RESIDUAL_MODES = ("reference", "reference_heap", "cached_nchw")
+HOLD_RESIDUAL_MODES = ("reference", "reference_heap", "reference_onednn", "cached_nchw")
 """Modes that keep the adapter's residuals alive for the whole UNet call, as the reference pipeline does (its
 ``down_block_res_samples`` variable); the pipeline itself releases them after the UNet's down pass."""
 

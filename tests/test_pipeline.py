@@ -79,7 +79,7 @@ def stock_svd(parts, image, seed=0, feature_extractor=None, runtime=True, **kwar
         components["feature_extractor"] = feature_extractor
     svd = StableVideoDiffusionPipeline(**components)
     svd.set_progress_bar_config(disable=True)
-    with pipeline_runtime(svd.unet, enabled=runtime):
+    with pipeline_runtime(svd, enabled=runtime):
         return svd(
             image,
             height=64,
@@ -112,8 +112,10 @@ def test_zero_adapter_equals_stock_svd(parts, zero_pipe, image, flow):
     ours = run(zero_pipe, image, flow=flow, fps=12, motion_bucket_id=30, noise_aug_strength=0.1, **JOINT).frames
     stock = stock_svd(parts, image, fps=12, motion_bucket_id=30, noise_aug_strength=0.1)
     assert float((ours - stock).abs().max()) <= 1e-5
-    # without feed-forward chunking and the cross-attention shortcut on both sides: diffusers' arithmetic throughout
-    ours = run(zero_pipe, image, flow=flow, chunk_feed_forward=False, shortcut_cross_attention=False, **JOINT).frames
+    # without feed-forward chunking, the cross-attention shortcut and oneDNN linears on both sides: diffusers' and
+    # torch's arithmetic throughout
+    stock_ways = {"chunk_feed_forward": False, "shortcut_cross_attention": False, "onednn_linear": False}
+    ours = run(zero_pipe, image, flow=flow, **stock_ways, **JOINT).frames
     stock = stock_svd(parts, image, motion_bucket_id=128, runtime=False)
     assert float((ours - stock).abs().max()) <= 1e-5
 

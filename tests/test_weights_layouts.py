@@ -83,7 +83,7 @@ def test_loaded_zero_adapter_pipeline_equals_stock_svd_from_same_folder(tmp_path
     # the same runtime settings on both sides: our default scopes on the stock UNet, guidance halves as one batch in
     # ours (as stock SVD runs them)
     ours = generate(pipe, image, flow=torch.randn(5, 2, 64, 64), low_memory=False).frames
-    with pipeline_runtime(stock.unet):
+    with pipeline_runtime(stock):
         ref = stock(
             image,
             height=64,

@@ -25,7 +25,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 from mofa.io.weights import CMP_CHECKPOINT_RELPATH
 from mofa.models.adapter import MofaAdapterModel
 from mofa.pipelines import runtime
-from mofa.pipelines.runtime import chunked_feed_forward, single_key_cross_attention
+from mofa.pipelines.runtime import chunked_feed_forward, onednn_linears, single_key_cross_attention
 
 TINY_UNET = {
     "sample_size": 8,
@@ -187,11 +187,16 @@ def build_tiny_pipeline(parts: dict[str, Any] | None = None, zero_adapter: bool 
 
 
 @contextmanager
-def pipeline_runtime(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """A stock SVD UNet under the runtime scopes our pipeline applies by default (feed-forward chunking, single-key
-    cross-attention), so a comparison with ours has the same arithmetic on both sides: otherwise float32 rounding
-    apart, which the random tiny UNet amplifies to ~1e-4..1e-3."""
-    with chunked_feed_forward([unet], enabled=enabled), single_key_cross_attention([unet], enabled=enabled):
+def pipeline_runtime(svd: StableVideoDiffusionPipeline, enabled: bool = True) -> Iterator[None]:
+    """A stock SVD pipeline under the runtime scopes our pipeline applies by default on a CPU (feed-forward chunking and
+    single-key cross-attention in the UNet, oneDNN linear layers in the UNet, VAE and image encoder), so a comparison
+    with ours has the same arithmetic on both sides: otherwise float32 rounding apart, which the random tiny UNet
+    amplifies to ~1e-4..1e-3."""
+    with (
+        chunked_feed_forward([svd.unet], enabled=enabled),
+        single_key_cross_attention([svd.unet], enabled=enabled),
+        onednn_linears([svd.unet, svd.vae, svd.image_encoder], enabled=enabled),
+    ):
         yield
 
 

@@ -16,6 +16,8 @@ Differences from the reference that change speed/memory but not results:
   64 MiB): their inner tensor is otherwise the largest activation of a denoising step;
 - cross-attention to the single CLIP token is computed as that token's projected value (``shortcut_cross_attention``;
   a softmax over one key is exactly 1, so the per-token queries and the attention kernel are skipped);
+- on a CPU the float32 linear layers run through oneDNN's matrix product with the bias fused in (``onednn_linear``)
+  instead of MKL's ``addmm``: 1.14-1.26x faster steps here (AMD EPYC);
 - ``low_memory=True`` runs the two classifier-free-guidance halves one after the other (batch 1 each) instead of as one
   batch of 2 (the default on a CPU, where it halves the working memory at the same step time); combine with
   ``enable_model_cpu_offload()`` on an accelerator;
@@ -53,6 +55,7 @@ from mofa.pipelines.long_video import (
 from mofa.pipelines.runtime import (
     channels_last_convs,
     chunked_feed_forward,
+    onednn_linears,
     retained_heap,
     single_key_cross_attention,
     trim_retained_heap,
@@ -462,6 +465,7 @@ class MofaVideoPipeline(DiffusionPipeline):
         chunk_feed_forward: bool = True,
         shortcut_cross_attention: bool = True,
         retain_heap: bool = True,
+        onednn_linear: bool | None = None,
         callback_on_step_end: Callable[..., dict[str, torch.Tensor]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_dict: bool = True,
@@ -516,6 +520,10 @@ class MofaVideoPipeline(DiffusionPipeline):
                 frames ran 1.21x faster, the reference's settings at 256x256 1.23x); the free pages are handed back
                 after a step that grew the heap and when the call ends. Changes allocator settings process-wide while
                 the call runs; no-op elsewhere. See pipelines/runtime.py.
+            onednn_linear: run the float32 linear layers of the UNet, adapter, VAE and image encoder through oneDNN's
+                matrix product with the bias fused in instead of MKL's ``addmm``. ``None`` (default): on a CPU, where
+                a 128x128 × 14-frame step ran 1.14-1.26x faster (pipelines/runtime.py); ``False`` = torch's default.
+                Same output up to float32 summation order.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict`` after every step; a returned
                 ``"latents"`` replaces the latents.
 
@@ -551,6 +559,10 @@ class MofaVideoPipeline(DiffusionPipeline):
             channels_last_convs((self.unet, self.adapter, self.vae), enabled=channels_last),
             chunked_feed_forward((self.unet, self.adapter), enabled=chunk_feed_forward),
             single_key_cross_attention((self.unet, self.adapter), enabled=shortcut_cross_attention),
+            onednn_linears(
+                (self.unet, self.adapter, self.vae, self.image_encoder),
+                enabled=device.type == "cpu" if onednn_linear is None else onednn_linear,
+            ),
         ):
             # 1. conditioning: CLIP embedding, dense flow, noise-augmented image latents, micro-conditioning
             embeds = self._encode_image(image01, device, cfg, reference_mode)

@@ -188,10 +188,10 @@ def build_tiny_pipeline(parts: dict[str, Any] | None = None, zero_adapter: bool 
 
 @contextmanager
 def pipeline_runtime(svd: StableVideoDiffusionPipeline, enabled: bool = True) -> Iterator[None]:
-    """A stock SVD pipeline under the runtime scopes our pipeline applies by default on a CPU (feed-forward chunking and
-    single-key cross-attention in the UNet, oneDNN linear layers in the UNet, VAE and image encoder), so a comparison
-    with ours has the same arithmetic on both sides: otherwise float32 rounding apart, which the random tiny UNet
-    amplifies to ~1e-4..1e-3."""
+    """A stock SVD pipeline under the runtime scopes our pipeline applies by default on a CPU (feed-forward chunking
+    and single-key cross-attention in the UNet, oneDNN linear layers in the UNet, VAE and image encoder), so a
+    comparison with ours has the same arithmetic on both sides: otherwise float32 rounding apart, which the random
+    tiny UNet amplifies to ~1e-4..1e-3."""
     with (
         chunked_feed_forward([svd.unet], enabled=enabled),
         single_key_cross_attention([svd.unet], enabled=enabled),

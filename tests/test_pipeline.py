@@ -338,6 +338,31 @@ def test_runtime_settings_same_video(live_pipe64, image, flow):
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in live_pipe64.unet.attn_processors.values())
 
 
+@pytest.mark.skipif(not runtime.onednn_linear_available(), reason="torch build without oneDNN linear")
+def test_onednn_linear_is_the_cpu_default_and_changes_rounding_only(live_pipe, image, flow, monkeypatch):
+    """float32 on a CPU: the UNet's, adapter's, VAE's and image encoder's linear layers go through oneDNN by default,
+    not with ``onednn_linear=False``; the video is the same to float32 rounding (which the random tiny UNet amplifies,
+    see live_pipe64) and no layer stays patched."""
+    calls = []
+    real = runtime._mkldnn_linear
+    monkeypatch.setattr(runtime, "_mkldnn_linear", lambda x, w, b: (calls.append(w.shape), real(x, w, b))[1])
+    default = run(live_pipe, image, flow=flow).frames
+    shapes = {tuple(s) for s in calls}
+    linears = {
+        tuple(m.weight.shape)
+        for part in (live_pipe.unet, live_pipe.adapter, live_pipe.vae, live_pipe.image_encoder)
+        for m in part.modules()
+        if type(m) is torch.nn.Linear
+    }
+    assert shapes and shapes <= linears
+    assert len(shapes) >= len(linears) // 2  # most layer shapes ran through it (some sit in unused branches)
+    calls.clear()
+    stock = run(live_pipe, image, flow=flow, onednn_linear=False).frames
+    assert calls == []
+    assert float((default - stock).abs().max()) <= 2e-3
+    assert all("forward" not in vars(m) for m in live_pipe.unet.modules())
+
+
 def test_model_cpu_offload_hooks_same_video(parts, image, flow):
     """enable_model_cpu_offload's accelerate hooks (here with the CPU as the 'accelerator', the only device in CI):
     the adapter's reference encoding, which is not its forward, must still load the adapter; the video is unchanged."""

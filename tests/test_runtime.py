@@ -1,8 +1,9 @@
-"""Scoped runtime settings: channels-last convolutions, chunked feed-forward, single-key cross-attention, retained
-heap — applied inside the block only, restored after, results unchanged."""
+"""Scoped runtime settings: channels-last convolutions, chunked feed-forward, single-key cross-attention, oneDNN
+linear layers, retained heap — applied inside the block only, restored after, results unchanged."""
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import subprocess
@@ -166,6 +167,88 @@ def test_single_key_cross_attention_leaves_other_calls_alone():
     with pytest.raises(RuntimeError), single_key_cross_attention([spatial]):
         attn(x, encoder_hidden_states=torch.randn(2, 1, 7, dtype=torch.float64))  # wrong context width
     assert attn.processor is original
+
+
+needs_onednn = pytest.mark.skipif(not runtime.onednn_linear_available(), reason="torch build without oneDNN linear")
+
+
+class _TaggedLinear(nn.Linear):
+    """A subclass of nn.Linear (like LoRA-compatible layers): its own forward is left alone."""
+
+
+def _linears() -> tuple[nn.Module, list[nn.Linear]]:
+    torch.manual_seed(0)
+    layers = [nn.Linear(24, 40), nn.Linear(40, 16, bias=False), _TaggedLinear(16, 8)]
+    return nn.Sequential(layers[0], nn.GELU(), layers[1], layers[2]), layers
+
+
+def _count_onednn(monkeypatch) -> list[tuple[int, ...]]:
+    """Input shapes of every oneDNN linear call made from now on."""
+    calls: list[tuple[int, ...]] = []
+    real = runtime._mkldnn_linear
+
+    def counting(x, weight, bias):
+        calls.append(tuple(x.shape))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(runtime, "_mkldnn_linear", counting)
+    return calls
+
+
+@needs_onednn
+def test_onednn_linears_match_a_float64_product_inside_the_block_only(monkeypatch):
+    """Plain float32 layers (with and without bias, 2-D to 4-D and non-contiguous inputs) go through oneDNN and give
+    ``x @ W.T + b`` computed in float64 to float32 rounding; the subclass does not; nothing stays patched after."""
+    net, (first, second, tagged) = _linears()
+    calls = _count_onednn(monkeypatch)
+    strided = torch.randn(5, 6, 24).transpose(0, 1)  # non-contiguous
+    inputs = [torch.randn(7, 24), torch.randn(3, 5, 24), torch.randn(2, 3, 4, 24), strided]
+    with torch.no_grad(), runtime.onednn_linears([None, net]):
+        assert "forward" in vars(first) and "forward" in vars(second) and "forward" not in vars(tagged)
+        outs = [net(x) for x in inputs]
+    assert calls == [(*x.shape[:-1], width) for x in inputs for width in (24, 40)]  # first, second; not the subclass
+    w1, b1, w2, w3, b3 = (t.detach().double() for t in (first.weight, first.bias, second.weight, *tagged.parameters()))
+    for x, out in zip(inputs, outs, strict=True):
+        expected = torch.nn.functional.gelu(x.double() @ w1.T + b1) @ w2.T @ w3.T + b3
+        assert out.dtype == torch.float32 and out.shape == (*x.shape[:-1], 8)
+        assert float((out.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    assert all("forward" not in vars(m) for m in net.modules())
+    with torch.no_grad():
+        net(inputs[0])
+    assert len(calls) == 2 * len(inputs)  # outside the block: the stock path
+
+
+@needs_onednn
+def test_onednn_linears_leave_other_calls_alone(monkeypatch):
+    """float64 inputs, calls that need autograd, an existing instance ``forward`` (accelerate's hooks), a disabled or
+    unavailable block and a block that raises all leave the stock path in place."""
+    net, (first, second, _) = _linears()
+    calls = _count_onednn(monkeypatch)
+    x = torch.randn(4, 24)
+    with runtime.onednn_linears([net]):
+        y64 = first.double()(x.double())
+        first.float()
+        y = first(x)  # grad mode on, parameters require grad: stock addmm, differentiable
+        y.sum().backward()
+    assert calls == [] and y.grad_fn is not None and first.weight.grad is not None
+    assert torch.equal(y64, torch.nn.functional.linear(x.double(), first.weight.double(), first.bias.double()))
+    wrapper = functools.partial(nn.Linear.forward, second)
+    second.forward = wrapper
+    with torch.no_grad(), runtime.onednn_linears([net]):
+        second(torch.randn(2, 40))
+        assert second.forward is wrapper
+    assert second.forward is wrapper and calls == []
+    del second.forward
+    with torch.no_grad(), runtime.onednn_linears([net], enabled=False):
+        net(x)
+    monkeypatch.setattr(runtime, "onednn_linear_available", lambda: False)
+    with torch.no_grad(), runtime.onednn_linears([net]):
+        net(x)
+    assert calls == [] and all("forward" not in vars(m) for m in net.modules())
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError), torch.no_grad(), runtime.onednn_linears([net]):
+        net(torch.randn(4, 23))  # wrong width
+    assert all("forward" not in vars(m) for m in net.modules())
 
 
 HEAP_PROBE = """

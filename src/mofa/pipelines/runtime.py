@@ -44,16 +44,17 @@ shortcut computes one value and one output row per context token. Any other call
 training-mode dropout, 4-D inputs, group/spatial norm) goes to the wrapped processor unchanged.
 
 **oneDNN linear layers.** On a CPU, ``F.linear`` in float32 is MKL's ``addmm``: the bias is first copied into every
-row of the output, then the product is accumulated onto it. This machine is an AMD EPYC (Zen, AVX-512), where MKL's
-sgemm ran the UNet's and adapter's layer shapes at 80-195 GFLOP/s and oneDNN's matmul (the library that already runs
-every convolution) at 145-215 GFLOP/s, 1.0-1.8x faster per shape (median 1.2x; the widest gap on the few-row, wide
-products of the low-resolution blocks, e.g. 224 x 1280 -> 10240). The linear layers are about half a CPU denoising
-step, so within the block every plain ``nn.Linear`` inside the modules runs ``torch.ops.mkldnn._linear_pointwise``
-(bias fused as a post-op; the weights stay the module's own dense tensors): a 128x128 × 14-frame step of the pipeline
-defaults ran 1.14-1.26x faster (four alternating rounds in one process), its final latents within 1.2e-5 of the MKL
-path's. Only inference calls take it: float32 input and weight on the CPU, no autograd needed, oneDNN enabled
-(``torch.backends.mkldnn``) and the operator present in this torch build; anything else, subclasses of ``nn.Linear``
-and layers whose ``forward`` someone else already replaced (accelerate's offload hooks) go the stock way.
+row of the output, then the product is accumulated onto it. This machine is an AMD EPYC (AVX-512), where MKL's sgemm
+ran ten of the UNet's and adapter's layer shapes at 105-196 GFLOP/s and oneDNN's matmul (the library that already
+runs every convolution) at 143-215 GFLOP/s, 0.98-1.8x faster per shape over two passes (median 1.2x; the widest gap
+on the few-row, wide products of the low-resolution blocks, e.g. 224 x 1280 -> 10240). The linear layers are about
+half a CPU denoising step, so within the block every plain ``nn.Linear`` inside the modules runs
+``torch.ops.mkldnn._linear_pointwise`` (bias fused as a post-op; the weights stay the module's own dense tensors): a
+128x128 × 14-frame step of the pipeline defaults ran 1.14-1.26x faster (four alternating rounds in one process), its
+final latents within 1.1e-5 of the MKL path's. Only inference calls take it: float32 input and weight on the CPU,
+no autograd needed, oneDNN enabled (``torch.backends.mkldnn``) and the operator present in this torch build; anything
+else, subclasses of ``nn.Linear`` and layers whose ``forward`` someone else already replaced (accelerate's offload
+hooks) go the stock way.
 
 **Retained heap.** glibc's ``malloc`` serves every block above its mmap threshold (dynamic, at most 32 MiB on 64-bit)
 with a fresh ``mmap`` and unmaps it on ``free``; the next tensor of that size faults all its pages in again, each one
@@ -293,7 +294,9 @@ def _onednn_linear_forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         and x.device.type == w.device.type == "cpu"
         and x.layout == w.layout == torch.strided
         and x.dim() >= 2
-        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        and not (
+            torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+        )
         and torch.backends.mkldnn.enabled
     ):
         return _mkldnn_linear(x, w, b)

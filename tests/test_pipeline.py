@@ -22,7 +22,13 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from mofa.errors import MofaInputError
 from mofa.pipelines import runtime
 from mofa.pipelines.pipeline_mofa import MofaVideoPipeline, MofaVideoPipelineOutput
-from tiny_models import FakeGlibc233, build_tiny_pipeline, build_tiny_svd, pipeline_runtime
+from tiny_models import (
+    FakeGlibc233,
+    build_tiny_pipeline,
+    build_tiny_svd,
+    pipeline_runtime,
+    record_onednn_linears,
+)
 
 STEPS = 3
 FRAMES = 6
@@ -343,11 +349,9 @@ def test_onednn_linear_is_the_cpu_default_and_changes_rounding_only(live_pipe, i
     """float32 on a CPU: the UNet's, adapter's, VAE's and image encoder's linear layers go through oneDNN by default,
     not with ``onednn_linear=False``; the video is the same to float32 rounding (which the random tiny UNet amplifies,
     see live_pipe64) and no layer stays patched."""
-    calls = []
-    real = runtime._mkldnn_linear
-    monkeypatch.setattr(runtime, "_mkldnn_linear", lambda x, w, b: (calls.append(w.shape), real(x, w, b))[1])
+    calls = record_onednn_linears(monkeypatch)
     default = run(live_pipe, image, flow=flow).frames
-    shapes = {tuple(s) for s in calls}
+    shapes = {weight_shape for _, weight_shape in calls}
     linears = {
         tuple(m.weight.shape)
         for part in (live_pipe.unet, live_pipe.adapter, live_pipe.vae, live_pipe.image_encoder)

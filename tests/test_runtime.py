@@ -15,7 +15,7 @@ from torch import nn
 
 from mofa.pipelines import runtime
 from mofa.pipelines.runtime import channels_last_convs, chunked_feed_forward, single_key_cross_attention
-from tiny_models import FakeGlibc233, FakeLibc
+from tiny_models import FakeGlibc233, FakeLibc, record_onednn_linears
 
 
 def _net() -> nn.Sequential:
@@ -182,31 +182,18 @@ def _linears() -> tuple[nn.Module, list[nn.Linear]]:
     return nn.Sequential(layers[0], nn.GELU(), layers[1], layers[2]), layers
 
 
-def _count_onednn(monkeypatch) -> list[tuple[int, ...]]:
-    """Input shapes of every oneDNN linear call made from now on."""
-    calls: list[tuple[int, ...]] = []
-    real = runtime._mkldnn_linear
-
-    def counting(x, weight, bias):
-        calls.append(tuple(x.shape))
-        return real(x, weight, bias)
-
-    monkeypatch.setattr(runtime, "_mkldnn_linear", counting)
-    return calls
-
-
 @needs_onednn
 def test_onednn_linears_match_a_float64_product_inside_the_block_only(monkeypatch):
     """Plain float32 layers (with and without bias, 2-D to 4-D and non-contiguous inputs) go through oneDNN and give
     ``x @ W.T + b`` computed in float64 to float32 rounding; the subclass does not; nothing stays patched after."""
     net, (first, second, tagged) = _linears()
-    calls = _count_onednn(monkeypatch)
+    calls = record_onednn_linears(monkeypatch)
     strided = torch.randn(5, 6, 24).transpose(0, 1)  # non-contiguous
     inputs = [torch.randn(7, 24), torch.randn(3, 5, 24), torch.randn(2, 3, 4, 24), strided]
     with torch.no_grad(), runtime.onednn_linears([None, net]):
         assert "forward" in vars(first) and "forward" in vars(second) and "forward" not in vars(tagged)
         outs = [net(x) for x in inputs]
-    assert calls == [(*x.shape[:-1], width) for x in inputs for width in (24, 40)]  # first, second; not the subclass
+    assert [shape for shape, _ in calls] == [(*x.shape[:-1], n) for x in inputs for n in (24, 40)]  # not the subclass
     w1, b1, w2, w3, b3 = (t.detach().double() for t in (first.weight, first.bias, second.weight, *tagged.parameters()))
     for x, out in zip(inputs, outs, strict=True):
         expected = torch.nn.functional.gelu(x.double() @ w1.T + b1) @ w2.T @ w3.T + b3
@@ -223,7 +210,7 @@ def test_onednn_linears_leave_other_calls_alone(monkeypatch):
     """float64 inputs, calls that need autograd, an existing instance ``forward`` (accelerate's hooks), a disabled or
     unavailable block and a block that raises all leave the stock path in place."""
     net, (first, second, _) = _linears()
-    calls = _count_onednn(monkeypatch)
+    calls = record_onednn_linears(monkeypatch)
     x = torch.randn(4, 24)
     with runtime.onednn_linears([net]):
         y64 = first.double()(x.double())

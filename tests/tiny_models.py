@@ -200,6 +200,20 @@ def pipeline_runtime(svd: StableVideoDiffusionPipeline, enabled: bool = True) ->
         yield
 
 
+def record_onednn_linears(monkeypatch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(input shape, weight shape)`` of every oneDNN linear call made from now on (``runtime._mkldnn_linear``
+    wrapped for the test)."""
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real = runtime._mkldnn_linear
+
+    def recording(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        calls.append((tuple(x.shape), tuple(weight.shape)))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(runtime, "_mkldnn_linear", recording)
+    return calls
+
+
 class FakeLibc:
     """Stands in for glibc: records the allocator calls instead of making them."""
 
